@@ -1,0 +1,43 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned to the local CPU build first, so nothing else pulls a CUDA wheel
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]' torch==2.13.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check curvature app workers tests bench
+
+bench-deps: $(STAMP)
+	$(PY) bench/install_rivals.py
+
+bench-fit: bench-deps
+	$(PY) -m bench.fit
+
+bench-predict: bench-deps
+	$(PY) -m bench.predict
+
+bench-quality: bench-deps
+	$(PY) -m bench.quality
+
+bench-serve: $(STAMP)
+	$(PY) -m bench.serve
+
+run: $(STAMP)
+	$(VENV)/bin/kronlap serve --example
+
+clean:
+	rm -rf $(VENV) .pytest_cache

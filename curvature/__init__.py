@@ -1,0 +1,53 @@
+"""kronlap's numerical core: Kronecker-factored Gauss-Newton curvature and Laplace posteriors in PyTorch.
+
+Example::
+
+    import curvature as cv
+    factors = cv.fit_kronecker(model, (x, y), cv.CrossEntropy(), method="kflr")
+    A, G = factors["0"].A, factors["0"].G                  # per-layer factors, G ⊗ A ≈ GGN block / N
+    eig = cv.KronEigen.from_factors(G, A)
+    step = eig.damped_inverse_apply(grad_matrix, n_eff=len(x), prior_precision=1.0)
+    diag = cv.fit_diagonal(model, (x, y), cv.CrossEntropy())
+"""
+
+from .estimators import (
+    DiagonalFactors,
+    KroneckerFactors,
+    LayerFactors,
+    exact_curvature,
+    exact_fisher,
+    exact_ggn,
+    fit_diagonal,
+    fit_kronecker,
+    ggn_vector_product,
+)
+from .kron import FactoredPrecision, KronEigen, factored_damping, kron_matvec, sym_eigh, trace_norm_omega
+from .layers import Layer, find_layers, register_handler
+from .likelihoods import Bernoulli, BinaryMixture, CrossEntropy, Gaussian, Likelihood, likelihood_from_name
+
+__all__ = [
+    "Bernoulli",
+    "BinaryMixture",
+    "CrossEntropy",
+    "DiagonalFactors",
+    "FactoredPrecision",
+    "Gaussian",
+    "KronEigen",
+    "KroneckerFactors",
+    "Layer",
+    "LayerFactors",
+    "Likelihood",
+    "exact_curvature",
+    "exact_fisher",
+    "exact_ggn",
+    "factored_damping",
+    "find_layers",
+    "fit_diagonal",
+    "fit_kronecker",
+    "ggn_vector_product",
+    "kron_matvec",
+    "likelihood_from_name",
+    "register_handler",
+    "sym_eigh",
+    "trace_norm_omega",
+]

@@ -1,0 +1,99 @@
+"""Containers for fitted curvature and the data-streaming helpers every estimator shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Progress = Callable[[float, str], None]
+Data = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class LayerFactors:
+    """Kronecker factors of one layer: the layer's Gauss-Newton block of the summed loss is ``N·(G ⊗ A)``."""
+
+    A: Tensor  # (in+1, in+1), E[â âᵀ]
+    G: Tensor  # (out, out), E[g gᵀ]
+
+
+@dataclass
+class KroneckerFactors(Mapping[str, LayerFactors]):
+    """Per-layer Kronecker factors, data averages over ``n_data`` points, in forward order."""
+
+    layers: dict[str, LayerFactors]
+    n_data: int
+    method: str
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+@dataclass
+class DiagonalFactors(Mapping[str, Tensor]):
+    """Per-layer diagonal of the curvature, as data averages shaped like ``Ŵ = [W b]`` (out, in+1)."""
+
+    layers: dict[str, Tensor]
+    n_data: int
+    method: str
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def iterate_batches(
+    data: Data, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(x, y)`` batches from a ``(x, y)`` tuple of tensors or from an iterable of batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+        if y is not None and len(y) != len(x):
+            raise ValueError(f"x and y have different lengths ({len(x)} vs {len(y)}).")
+        batches: Iterable = (
+            (x[i : i + batch_size], None if y is None else y[i : i + batch_size]) for i in range(0, len(x), batch_size)
+        )
+    else:
+        batches = data
+    for batch in batches:
+        if not isinstance(batch, tuple | list) or len(batch) < 2:
+            raise ValueError("Each batch must be an (x, y) pair.")
+        xb, yb = batch[0], batch[1]
+        if device is not None or dtype is not None:
+            xb = xb.to(device=device, dtype=dtype if xb.is_floating_point() else None)
+            if yb is not None:
+                yb = yb.to(device=device)
+        yield xb, yb
+
+
+def count_examples(data: Data) -> int | None:
+    """Number of examples when known in advance (for progress), else ``None``."""
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor):
+        return len(data[0])
+    dataset = getattr(data, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
