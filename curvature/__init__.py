@@ -22,10 +22,30 @@ from .estimators import (
     ggn_vector_product,
 )
 from .kron import FactoredPrecision, KronEigen, factored_damping, kron_matvec, sym_eigh, trace_norm_omega
+from .laplace import CURVATURES, LaplaceConfig, fit_laplace
 from .layers import Layer, find_layers, register_handler
 from .likelihoods import Bernoulli, BinaryMixture, CrossEntropy, Gaussian, Likelihood, likelihood_from_name
+from .metrics import accuracy, auroc, ece, nll_classification, nll_gaussian
+from .ood import calibrate_ood
+from .posterior import LaplacePosterior
+from .predictive import predict
+from .tuning import TuningResult, tune_marglik, tune_validation
 
 __all__ = [
+    "CURVATURES",
+    "LaplaceConfig",
+    "LaplacePosterior",
+    "TuningResult",
+    "accuracy",
+    "auroc",
+    "calibrate_ood",
+    "ece",
+    "fit_laplace",
+    "nll_classification",
+    "nll_gaussian",
+    "predict",
+    "tune_marglik",
+    "tune_validation",
     "Bernoulli",
     "BinaryMixture",
     "CrossEntropy",

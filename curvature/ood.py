@@ -1,0 +1,43 @@
+"""Out-of-distribution flags: a named uncertainty score and a threshold calibrated on in-distribution data.
+
+The threshold is a quantile (default 95 %) of the score on held-out in-distribution inputs, so by construction
+about 5 % of in-distribution inputs are flagged; nothing about the out-of-distribution data is used.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .predictive import OOD_SCORES, ood_score_of
+
+
+def calibrate_ood(
+    post,
+    x_heldout: Tensor,
+    quantile: float = 0.95,
+    samples: int = 100,
+    predictive: str = "mc",
+    scores: tuple[str, ...] | None = None,
+    link: str = "mc",
+) -> dict[str, float]:
+    """Store on ``post`` the ``quantile`` of each OOD score over held-out in-distribution inputs.
+
+    Returns:
+        The thresholds, keyed by score name.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
+    if x_heldout.shape[0] < 2:
+        raise ValueError("Need at least two held-out inputs to calibrate an OOD threshold.")
+    from .likelihoods import Gaussian
+
+    if scores is None:
+        scores = ("entropy", "mutual_information") if isinstance(post.likelihood, Gaussian) else OOD_SCORES
+    out = post.predict(x_heldout, samples=samples, predictive=predictive, ood_score=scores[0], link=link)
+    thresholds = {}
+    for score in scores:
+        values = ood_score_of(out, score).double()
+        thresholds[score] = float(values.quantile(quantile))
+    post.ood_thresholds.update(thresholds)
+    post.metadata["ood_quantile"] = quantile
+    return thresholds

@@ -1,0 +1,283 @@
+"""Predictive distributions of a Laplace posterior: Monte Carlo over weights, or linearised (GLM).
+
+* MC (thesis eq. 5.9): ``p(y|x) ≈ (1/K) Σ_k p(y|x, θ_k)``, ``θ_k ~ q(θ)``. The K networks run as one batched
+  (``vmap``-ed) forward pass; the weight samples for a given ``(K, seed)`` are drawn once and kept, so repeated
+  predictions cost K forward passes and nothing more.
+* GLM: ``f(x, θ) ≈ f(x, θ*) + J (θ − θ*)``, so logits are Gaussian with mean ``f(x, θ*)`` and covariance
+  ``Σ_l J_l P_l⁻¹ J_lᵀ``. In the eigenbasis of ``P_l`` this is, for a layer applied once per example,
+  ``Σ_{o,i} (B U_G)_{co} (B U_G)_{do} (â U_A)_i² / Λ_{oi}`` with ``B = ∂f/∂h_l`` — no Jacobian over parameters is
+  formed. The class probabilities then come from MC over logits or the probit approximation.
+
+Per input we report ``H[p̄]`` (``entropy``), ``E_k H[p_k]`` (``expected_entropy``, aleatoric) and their difference
+(``mutual_information``, epistemic); for regression the mean and the aleatoric / epistemic variances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from .estimators.backward import backprop_vectors, record_layers
+from .likelihoods import Gaussian
+
+OOD_SCORES = ("entropy", "mutual_information", "max_prob")
+PREDICTIVES = ("mc", "glm")
+BANK_BYTES = 2 * 1024**3
+_ACTIVATION_BUDGET = 48 * 1024**2  # elements of the widest activation per chunk
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats."""
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim)
+
+
+def _stacked_params(post, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    params = {}
+    for layer in post.layers:
+        w, b = layer.handler.split_matrix(layer.module, weights[layer.name])
+        prefix = f"{layer.name}." if layer.name else ""
+        params[prefix + "weight"] = w
+        if b is not None:
+            params[prefix + "bias"] = b
+    return params
+
+
+def batched_forward(post, weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Run the network with K weight sets at once: (K, B, C) outputs."""
+    model = post.model
+    stacked = _stacked_params(post, weights)
+    fixed = {k: v.detach() for k, v in model.named_parameters() if k not in stacked}
+    fixed.update(dict(model.named_buffers()))
+
+    def run(params):
+        return functional_call(model, {**fixed, **params}, (x,))
+
+    with torch.no_grad():
+        out = vmap(run)(stacked)
+    return out.unsqueeze(-1) if out.dim() == 2 else out
+
+
+def _widest(post, batch: int) -> int:
+    return batch * max(max(b.mean.shape) for b in post.blocks.values()) * 4
+
+
+def weight_samples(post, k: int, seed: int) -> dict[str, Tensor]:
+    """The posterior's K weight samples for ``seed``, cached on the posterior when they fit in memory."""
+    key = (k, seed)
+    if key in post._bank:
+        return post._bank[key]
+    gen = torch.Generator(device=next(iter(post.blocks.values())).mean.device).manual_seed(seed)
+    draws = post.sample(k, generator=gen)
+    if k * post.n_params * draws[next(iter(draws))].element_size() <= BANK_BYTES:
+        post._bank = {key: draws}  # keep only the most recent bank
+    return draws
+
+
+# -------------------------------------------------------------------------------------------------- MC
+def mc_outputs(post, x: Tensor, samples: int, seed: int) -> Tensor:
+    """Network outputs under ``samples`` posterior weight draws: (K, B, C)."""
+    weights = weight_samples(post, samples, seed)
+    chunk = max(1, _ACTIVATION_BUDGET // max(1, _widest(post, x.shape[0])))
+    outs = []
+    for i in range(0, samples, chunk):
+        outs.append(batched_forward(post, {n: w[i : i + chunk] for n, w in weights.items()}, x))
+    return torch.cat(outs, 0)
+
+
+# ------------------------------------------------------------------------------------------------- GLM
+@dataclass
+class GLMFeatures:
+    """Per-input pieces of the linearised predictive that do not depend on ``(N_eff, τ)``."""
+
+    f: Tensor  # (B, C) MAP outputs
+    rotated: dict[str, tuple[Tensor, Tensor | None]]
+    # T = 1: (B U_G (C, B, out), (â U_A)² (B, in)); T > 1: (J̃ (B, C, out, in), None)
+
+
+def glm_features(post, x: Tensor) -> GLMFeatures:
+    """Backpropagate the C output directions once and rotate into each layer's eigenbasis."""
+    model = post.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), record_layers(post.layers) as (inputs, outputs):
+            f = model(x)
+            if f.dim() == 1:
+                f = f.unsqueeze(-1)
+            c = f.shape[-1]
+            eye = torch.eye(c, dtype=f.dtype, device=f.device).expand(f.shape[0], c, c)
+            pulled = backprop_vectors(f, [outputs[layer.name] for layer in post.layers], eye)
+    finally:
+        model.train(was_training)
+    rotated = {}
+    for layer, g in zip(post.layers, pulled, strict=True):
+        block = post.blocks[layer.name]
+        a = layer.handler.input_rows(layer.module, inputs[layer.name])  # (B, T, in)
+        g = layer.handler.output_rows(layer.module, g.detach())  # (C, B, T, out)
+        if block.U_G is not None:
+            a = a @ block.U_A
+            g = g @ block.U_G
+        if a.shape[1] == 1:
+            rotated[layer.name] = (g[:, :, 0], a[:, 0] ** 2)
+        else:
+            # b example, c output, t location, o out, i in
+            rotated[layer.name] = (torch.einsum("cbto,bti->bcoi", g, a), None)
+    return GLMFeatures(f.detach(), rotated)
+
+
+def glm_covariance(post, feats: GLMFeatures, n_eff: float | None = None, prior: dict[str, float] | None = None):
+    """Logit covariance ``Σ_l J_l P_l⁻¹ J_lᵀ`` (B, C, C) for the given hyper-parameters."""
+    b, c = feats.f.shape
+    cov = feats.f.new_zeros(b, c, c)
+    for name, (g, a2) in feats.rotated.items():
+        inv = 1.0 / post.eigenvalues(name, n_eff, None if prior is None else prior[name])
+        if a2 is not None:
+            m = a2 @ inv.T  # (B, out)
+            cov += torch.einsum("cbo,dbo,bo->bcd", g, g, m)
+        else:
+            cov += torch.einsum("bcoi,bdoi,oi->bcd", g, g, inv)
+    return cov
+
+
+def _logit_samples(mean: Tensor, cov: Tensor, samples: int, seed: int) -> Tensor:
+    c = mean.shape[-1]
+    jitter = 1e-9 * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+    chol, info = torch.linalg.cholesky_ex(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
+    if bool((info != 0).any()):
+        s, u = torch.linalg.eigh(cov)
+        chol = u * s.clamp_min(0).sqrt().unsqueeze(-2)
+    gen = torch.Generator(device=mean.device).manual_seed(seed)
+    z = torch.randn(samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=gen)
+    return mean + torch.einsum("bcd,kbd->kbc", chol, z)
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+def classification_summary(logits: Tensor, probs_override: Tensor | None = None) -> dict[str, Tensor]:
+    """From K logit samples (K, B, C): mean probabilities, entropies and mutual information."""
+    p = torch.softmax(logits, -1)
+    p_bar = p.mean(0) if probs_override is None else probs_override
+    h = entropy(p_bar)
+    eh = entropy(p).mean(0)
+    return {
+        "probs": p_bar,
+        "entropy": h,
+        "expected_entropy": eh,
+        "mutual_information": (h - eh).clamp_min(0.0),
+        "max_prob": p_bar.max(-1).values,
+    }
+
+
+def regression_summary(mean: Tensor, epistemic: Tensor, sigma: float) -> dict[str, Tensor]:
+    aleatoric = torch.full_like(mean, sigma**2)
+    total = aleatoric + epistemic
+    h = 0.5 * torch.log(2 * math.pi * math.e * total).sum(-1)
+    eh = 0.5 * torch.log(2 * math.pi * math.e * aleatoric).sum(-1)
+    return {
+        "mean": mean,
+        "variance": total,
+        "aleatoric_variance": aleatoric,
+        "epistemic_variance": epistemic,
+        "entropy": h,
+        "expected_entropy": eh,
+        "mutual_information": (h - eh).clamp_min(0.0),
+    }
+
+
+def ood_score_of(summary: dict[str, Tensor], score: str) -> Tensor:
+    """Higher means more out-of-distribution."""
+    if score == "max_prob":
+        if "max_prob" not in summary:
+            raise ValueError("max_prob is defined for classification only.")
+        return 1.0 - summary["max_prob"]
+    if score not in OOD_SCORES:
+        raise ValueError(f"Unknown OOD score {score!r}; choose from {OOD_SCORES}.")
+    return summary[score]
+
+
+def predictive_summary(
+    post,
+    x: Tensor,
+    samples: int,
+    predictive: str,
+    seed: int,
+    link: str = "mc",
+    n_eff: float | None = None,
+    prior: dict[str, float] | None = None,
+    feats: GLMFeatures | None = None,
+) -> dict[str, Tensor]:
+    """Predictive summaries for one batch (no OOD flags)."""
+    regression = isinstance(post.likelihood, Gaussian)
+    if predictive == "mc":
+        if n_eff is not None or prior is not None:
+            raise ValueError("MC predictive uses the posterior's own hyper-parameters.")
+        outs = mc_outputs(post, x, samples, seed)
+        if regression:
+            return regression_summary(outs.mean(0), outs.var(0, unbiased=False), post.likelihood.sigma)
+        return classification_summary(outs)
+    if predictive != "glm":
+        raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}.")
+    feats = glm_features(post, x) if feats is None else feats
+    cov = glm_covariance(post, feats, n_eff, prior)
+    if regression:
+        return regression_summary(feats.f, cov.diagonal(dim1=-2, dim2=-1), post.likelihood.sigma)
+    logits = _logit_samples(feats.f, cov, samples, seed)
+    probs = None
+    if link == "probit":
+        kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * cov.diagonal(dim1=-2, dim2=-1))
+        probs = torch.softmax(feats.f * kappa, -1)
+    elif link != "mc":
+        raise ValueError(f"link must be 'mc' or 'probit', got {link!r}.")
+    return classification_summary(logits, probs)
+
+
+def predict(
+    post,
+    x: Tensor,
+    samples: int = 100,
+    predictive: str = "mc",
+    ood_score: str | None = None,
+    seed: int | None = None,
+    link: str = "mc",
+    batch_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Predictive distribution and OOD flags for a batch of inputs.
+
+    Args:
+        post: a :class:`~curvature.posterior.LaplacePosterior`.
+        x: inputs (B, ...) in the model's input layout.
+        samples: MC samples (weights for ``"mc"``, logits for ``"glm"``).
+        predictive: ``"mc"`` or ``"glm"``.
+        ood_score: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"`` (default: the calibrated one).
+        seed: random seed (default: the posterior's, so repeated calls agree).
+        link: ``"mc"`` or ``"probit"`` for the GLM class probabilities.
+    Returns:
+        Tensors with the batch first; ``ood`` is a bool tensor, ``ood_threshold`` a 0-d tensor (NaN when
+        the score was never calibrated, and then no input is flagged).
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}.")
+    if x.shape[0] == 0:
+        raise ValueError("Empty batch.")
+    seed = int(post.metadata.get("seed", 0)) if seed is None else int(seed)
+    score = ood_score or str(post.metadata.get("ood_score", "entropy"))
+    device, dtype = post.blocks[post.layers[0].name].mean.device, post.blocks[post.layers[0].name].mean.dtype
+    x = x.to(device=device, dtype=dtype)
+    parts = [
+        predictive_summary(post, x[i : i + batch_size], samples, predictive, seed, link)
+        for i in range(0, x.shape[0], batch_size)
+    ]
+    out = {k: torch.cat([p[k] for p in parts], 0) for k in parts[0]}
+    out["ood_score"] = ood_score_of(out, score)
+    threshold = post.ood_thresholds.get(score, math.nan)
+    out["ood_threshold"] = torch.tensor(threshold, dtype=dtype)
+    out["ood"] = (
+        out["ood_score"] > threshold
+        if not math.isnan(threshold)
+        else torch.zeros_like(out["entropy"], dtype=torch.bool)
+    )
+    return out
