@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	# torch is pinned to the local CPU build first, so nothing else pulls a CUDA wheel
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]' torch==2.13.0
@@ -16,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check curvature app workers tests bench
