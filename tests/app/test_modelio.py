@@ -1,0 +1,656 @@
+"""Importing uploaded models: real exports round-trip into real layers; hostile uploads are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import warnings
+import zipfile
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from app.modelio import (
+    ERROR_CODES,
+    ImportedModel,
+    ModelImportError,
+    apply_output_activation,
+    load_model,
+    verify_reproduces,
+)
+from app.modelio.modules import GraphProgram
+
+BATCH = torch.export.Dim("batch")
+UNPICKLED: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny convolutions are far faster single-threaded on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- models and exporters ---------------------------------------------------------------------------
+
+
+class LeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.classifier = nn.Sequential(nn.Linear(16 * 5 * 5, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.block = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(h + torch.relu(self.block(h)))
+
+
+class BatchNormCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+        with torch.no_grad():
+            for bn in (self.bn, self.bn1):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 2)
+                bn.bias.uniform_(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.bn1(self.fc(torch.flatten(x, 1)))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10), nn.Softmax(dim=-1))
+
+
+def _tanh_regressor() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+
+
+MODELS = {
+    "mlp": (_mlp, (1, 28, 28), "softmax"),
+    "tanh_regressor": (_tanh_regressor, (8,), None),
+    "lenet": (LeNet, (1, 28, 28), None),
+}
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], *, dynamo: bool, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randn(2, *input_shape),), buf, dynamo=dynamo, input_names=["x"], verbose=False, **kwargs
+        )
+    return buf.getvalue()
+
+
+def export_pt2(model: nn.Module, input_shape: tuple[int, ...], *, dynamic: bool, decompose: bool = False) -> bytes:
+    shapes = ({0: BATCH},) if dynamic else None
+    program = torch.export.export(model, (torch.randn(2, *input_shape),), dynamic_shapes=shapes)
+    if decompose:
+        program = program.run_decompositions()
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+EXPORTERS = {
+    # fixed batch: the dynamo exporter bakes the batch size into Reshape(allowzero=1) targets
+    "onnx-dynamo": (lambda m, s: export_onnx(m, s, dynamo=True), "model.onnx"),
+    # dynamic batch: view(x.size(0), -1) becomes Shape/Gather/Unsqueeze/Concat/Reshape
+    "onnx-legacy": (lambda m, s: export_onnx(m, s, dynamo=False, dynamic_axes={"x": {0: "batch"}}), "model.onnx"),
+    "pt2": (lambda m, s: export_pt2(m, s, dynamic=True), "model.pt2"),
+}
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[tuple[str, str], tuple[nn.Module, bytes]]:
+    """Each test model exported by each exporter (done once: dynamo exports take seconds)."""
+    out = {}
+    for name, (factory, shape, _) in MODELS.items():
+        torch.manual_seed(0)
+        model = factory().eval()
+        for exporter, (export, _) in EXPORTERS.items():
+            out[(name, exporter)] = (model, export(model, shape))
+    return out
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def assert_close_report(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    if not torch.allclose(got, expected, rtol=rtol, atol=atol):
+        bad = ~torch.isclose(got, expected, rtol=rtol, atol=atol)
+        idx = bad.nonzero()[:5].tolist()
+        rows = [f"{i}: got {got[tuple(i)].item():.8g}, expected {expected[tuple(i)].item():.8g}" for i in idx]
+        pytest.fail(f"{int(bad.sum())} entries differ; first: " + "; ".join(rows))
+
+
+# -- round trips ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_round_trip(exported, model_name: str, exporter: str) -> None:
+    original, data = exported[(model_name, exporter)]
+    _, shape, activation = MODELS[model_name]
+    imported = load_model(data, EXPORTERS[exporter][1])
+
+    assert isinstance(imported, ImportedModel)
+    assert isinstance(imported.module, nn.Sequential), imported.module
+    assert imported.input_shape == shape
+    assert imported.output_activation == activation
+    assert imported.format == ("pt2" if exporter == "pt2" else "onnx")
+    assert imported.sha256 == hashlib.sha256(data).hexdigest()
+    assert not imported.module.training
+
+    ours, theirs = _layers(imported.module), _layers(original)
+    assert [type(m) for m in ours] == [type(m) for m in theirs]
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert torch.equal(mine.weight, ref.weight)
+        assert torch.equal(mine.bias, ref.bias)
+        assert mine.weight.dtype == torch.float32 and mine.weight.requires_grad
+    assert all(not list(m.parameters(recurse=False)) for m in imported.module.modules() if m not in ours)
+
+    x = torch.randn(7, *shape)  # a batch size the model was not exported with
+    with torch.no_grad():
+        logits = imported.module(x)
+        expected = original(x)
+        expected_logits = original[:-1](x) if activation else expected
+    assert imported.output_dim == expected.shape[1]
+    assert_close_report(logits, expected_logits)
+    assert_close_report(apply_output_activation(logits, imported.output_activation), expected)
+
+
+def test_pt2_keeps_layer_names(exported) -> None:
+    imported = load_model(exported[("lenet", "pt2")][1], "lenet.pt2")
+    names = [name for name, m in imported.module.named_children() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert names == ["features_0", "features_3", "classifier_0", "classifier_2"]
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+def test_pt2_core_aten_decomposition_with_fixed_batch() -> None:
+    torch.manual_seed(1)
+    model = LeNet().eval()
+    data = export_pt2(model, (1, 28, 28), dynamic=False, decompose=True)
+    imported = load_model(data, "lenet.pt2")
+    assert isinstance(imported.module, nn.Sequential)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), model(x))
+
+
+@pytest.mark.parametrize("exporter", ["onnx-legacy", "pt2"])
+def test_residual_graph_becomes_a_program(exporter: str) -> None:
+    torch.manual_seed(2)
+    model = ResidualMLP().eval()
+    imported = load_model(EXPORTERS[exporter][0](model, (6,)), EXPORTERS[exporter][1])
+    assert isinstance(imported.module, GraphProgram)
+    assert [type(m) for m in _layers(imported.module)] == [nn.Linear] * 3
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), model(x))
+
+
+@pytest.mark.parametrize("exporter", ["onnx-legacy-unfolded", "pt2"])
+def test_batch_norm_is_folded_into_the_preceding_layer(exporter: str) -> None:
+    torch.manual_seed(3)
+    model = BatchNormCNN().eval()
+    if exporter == "pt2":
+        data, name = export_pt2(model, (3, 8, 8), dynamic=True), "bn.pt2"
+    else:  # keeps BatchNormalization nodes in the ONNX graph
+        options = {"do_constant_folding": False, "training": torch.onnx.TrainingMode.PRESERVE}
+        data, name = export_onnx(model, (3, 8, 8), dynamo=False, **options), "bn.onnx"
+        assert "BatchNormalization" in {n.op_type for n in onnx.load_from_string(data).graph.node}
+    imported = load_model(data, name)
+    assert isinstance(imported.module, nn.Sequential)
+    assert [type(m) for m in imported.module.modules() if list(m.parameters(recurse=False))] == [
+        nn.Conv2d,
+        nn.Linear,
+    ]
+    assert imported.module[0].bias is not None  # the folded batch-norm shift
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_spatial_input_needs_an_input_shape() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    model.eval()
+    data = export_onnx(model, (1, 10, 10), dynamo=False, dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    with pytest.raises(ModelImportError) as err:
+        load_model(data, "gap.onnx")
+    assert err.value.code == "bad_input_shape"
+    imported = load_model(data, "gap.onnx", input_shape=(1, 12, 12))
+    assert imported.input_shape == (1, 12, 12)
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), model(x))
+
+
+def test_input_shape_contradicting_the_graph_is_refused(exported) -> None:
+    with pytest.raises(ModelImportError) as err:
+        load_model(exported[("tanh_regressor", "onnx-dynamo")][1], "m.onnx", input_shape=(9,))
+    assert err.value.code == "bad_input_shape"
+
+
+# -- the dry run ------------------------------------------------------------------------------------
+
+
+def test_verify_reproduces(exported) -> None:
+    original, data = exported[("mlp", "pt2")]
+    imported = load_model(data, "mlp.pt2")
+    probe = torch.randn(4, 1, 28, 28)
+    verify_reproduces(imported, original, probe)
+    with pytest.raises(ModelImportError) as err:
+        verify_reproduces(imported, lambda p: original(p) + 1e-3, probe)
+    assert err.value.code == "output_mismatch" and err.value.detail["max_abs_error"] > 0
+    with pytest.raises(ModelImportError) as err:
+        verify_reproduces(imported, lambda p: original(p) * float("nan"), probe)
+    assert err.value.code == "non_finite_output"
+
+
+def test_load_model_dry_run_catches_a_wrong_rebuild(exported, monkeypatch) -> None:
+    from app.modelio import onnx_import
+
+    def wrong(self, node, attrs):
+        self._activation(node, nn.Tanh(), "relu")
+
+    monkeypatch.setattr(onnx_import._OnnxTranslator, "_op_Relu", wrong)
+    with pytest.raises(ModelImportError) as err:
+        load_model(exported[("mlp", "onnx-legacy")][1], "mlp.onnx")
+    assert err.value.code == "output_mismatch"
+
+
+# -- hostile and broken uploads ---------------------------------------------------------------------
+
+
+def _record_unpickling(tag: str) -> str:
+    UNPICKLED.append(tag)
+    return tag
+
+
+class Payload:
+    """Unpickling this calls ``_record_unpickling``: any load of it is visible in ``UNPICKLED``."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ("payload",))
+
+
+def _expect(code: str, data: bytes, filename: str, **kwargs) -> ModelImportError:
+    UNPICKLED.clear()
+    with pytest.raises(ModelImportError) as err:
+        load_model(data, filename, **kwargs)
+    assert err.value.code == code, err.value
+    assert UNPICKLED == []
+    assert code in ERROR_CODES and err.value.to_dict()["code"] == code
+    return err.value
+
+
+@pytest.mark.parametrize("filename", ["model.pt2", "model.pt", "model.onnx"])
+def test_torch_save_checkpoint_is_refused_unread(filename: str) -> None:
+    buf = io.BytesIO()
+    torch.save({"weight": torch.ones(2), "hook": Payload()}, buf)
+    _expect("pickle_refused", buf.getvalue(), filename)
+
+
+def test_legacy_pickle_file_is_refused_unread() -> None:
+    buf = io.BytesIO()
+    torch.save({"hook": Payload()}, buf, _use_new_zipfile_serialization=False)
+    _expect("pickle_refused", buf.getvalue(), "model.pth")
+    _expect("pickle_refused", pickle.dumps(Payload(), protocol=4), "model.onnx")
+
+
+def _rewrite_zip(data: bytes, edit) -> bytes:
+    """Copy a zip archive, passing each member's (path, bytes) through ``edit``."""
+    src = zipfile.ZipFile(io.BytesIO(data))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, edit(info.filename, src.read(info)))
+    return buf.getvalue()
+
+
+def test_pt2_with_pickled_weight_is_refused_unread(exported) -> None:
+    evil = io.BytesIO()
+    torch.save(Payload(), evil)
+
+    def edit(path: str, content: bytes) -> bytes:
+        if path.endswith("model_weights_config.json"):
+            config = json.loads(content)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        if path.endswith("data/weights/weight_0"):
+            return evil.getvalue()
+        return content
+
+    _expect("pickle_refused", _rewrite_zip(exported[("mlp", "pt2")][1], edit), "model.pt2")
+
+
+def test_pt2_symbolic_expressions_are_never_evaluated(exported, tmp_path) -> None:
+    # sympy.sympify (which torch.export.load applies to these strings) would run this and create the file
+    marker = tmp_path / "evaluated"
+    injected = f"sympify.__globals__['__builtins__']['__import__']('pathlib').Path({str(marker)!r}).touch()"
+
+    def edit(path: str, content: bytes) -> bytes:
+        if path.endswith("models/model.json"):
+            text = content.decode()
+            assert "Symbol(" in text
+            return text.replace("Symbol(", injected + " or Symbol(").encode()
+        return content
+
+    original, data = exported[("tanh_regressor", "pt2")]
+    imported = load_model(_rewrite_zip(data, edit), "model.pt2")
+    assert not marker.exists()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), original(x))
+
+
+def test_pt2_with_compiled_code_is_refused(exported) -> None:
+    data = exported[("mlp", "pt2")][1]
+    src = zipfile.ZipFile(io.BytesIO(data))
+    root = src.namelist()[0].split("/")[0]
+    buf = io.BytesIO(data)
+    with zipfile.ZipFile(buf, "a") as archive:
+        archive.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
+    _expect("invalid_pt2", buf.getvalue(), "model.pt2")
+
+
+def test_pt2_with_unsupported_aten_op() -> None:
+    class CumSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cumsum(self.fc(x), dim=1)
+
+    error = _expect("unsupported_op", export_pt2(CumSum().eval(), (4,), dynamic=False), "model.pt2")
+    assert error.detail["op"] == "aten.cumsum.default"
+
+
+def test_truncated_onnx(exported) -> None:
+    data = exported[("mlp", "onnx-dynamo")][1]
+    _expect("invalid_onnx", data[: len(data) // 2], "model.onnx")
+
+
+def test_random_bytes() -> None:
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    _expect("invalid_onnx", noise, "model.onnx")
+    _expect("unknown_format", b"\x01" + noise, "model.bin")
+    _expect("not_a_pt2", noise, "model.pt2")
+
+
+def test_onnx_lstm_is_unsupported() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 8, batch_first=True)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            return self.fc(out[:, -1])
+
+    error = _expect("unsupported_op", export_onnx(Recurrent().eval(), (5, 4), dynamo=False), "lstm.onnx")
+    assert "LSTM" in error.detail["ops"]
+
+
+def _onnx_model(nodes, initializers=(), opsets=(("", 17),)) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=list(initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+
+
+def _weight(name: str = "w") -> TensorProto:
+    return helper.make_tensor(name, TensorProto.FLOAT, [3, 4], np.ones(12, dtype=np.float32))
+
+
+def test_onnx_custom_domain_op_is_unsupported() -> None:
+    model = _onnx_model(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+            helper.make_node("Pwn", ["h"], ["y"], domain="com.example.evil"),
+        ],
+        [_weight()],
+        opsets=(("", 17), ("com.example.evil", 1)),
+    )
+    error = _expect("unsupported_op", model.SerializeToString(), "custom.onnx")
+    assert error.detail["ops"] == ["com.example.evil::Pwn"]
+
+
+def test_onnx_external_data_is_refused_before_reading(tmp_path) -> None:
+    weight = _weight()
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "/etc/passwd"), ("offset", "0"), ("length", "48")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    model = _onnx_model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], [weight])
+    error = _expect("invalid_onnx", model.SerializeToString(), "external.onnx")
+    assert "external" in error.message
+
+
+def _const(name: str, value, dtype=np.float32) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def _random(name: str, *shape: int, positive: bool = False) -> TensorProto:
+    value = np.random.default_rng(zlib.crc32(name.encode())).normal(size=shape)
+    return _const(name, np.abs(value) + 0.5 if positive else value)
+
+
+def _graph(nodes, initializers, in_shape, out_shape, opset: int = 17) -> bytes:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        initializer=initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
+
+
+# Each case imports only if the rebuilt module matches onnx.reference on the dry-run probe.
+HAND_BUILT = {
+    "gemm_alpha_beta_transB0": lambda: _graph(
+        [helper.make_node("Gemm", ["x", "b", "c"], ["y"], alpha=0.5, beta=2.0)],
+        [_random("b", 4, 3), _random("c", 1, 3)],
+        ["n", 4],
+        ["n", 3],
+    ),
+    "conv_same_upper_stride2": lambda: _graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], auto_pad="SAME_UPPER", strides=[2, 2]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1),
+        ],
+        [_random("w", 2, 1, 4, 4), _random("fw", 3, 32)],
+        ["n", 1, 7, 7],
+        ["n", 3],
+    ),
+    "pools_squeeze_matmul_add": lambda: _graph(
+        [
+            helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+            helper.make_node("AveragePool", ["m"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalMaxPool", ["a"], ["g"]),
+            helper.make_node("Squeeze", ["g", "axes"], ["s"]),
+            helper.make_node("MatMul", ["s", "mw"], ["mm"]),
+            helper.make_node("Add", ["mm", "mb"], ["y"]),
+        ],
+        [_const("axes", [2, 3], np.int64), _random("mw", 2, 3), _random("mb", 3)],
+        ["n", 2, 8, 8],
+        ["n", 3],
+    ),
+    "input_normalisation_and_softmax": lambda: _graph(
+        [
+            helper.make_node("Sub", ["x", "mean"], ["s"]),
+            helper.make_node("Div", ["s", "std"], ["d"]),
+            helper.make_node("Gemm", ["d", "w", "b"], ["g"], transB=1),
+            helper.make_node("Mul", ["g", "k"], ["m"]),
+            helper.make_node("LeakyRelu", ["m"], ["y0"], alpha=0.1),
+            helper.make_node("Softmax", ["y0"], ["y"], axis=1),
+        ],
+        [_random("mean", 4), _random("std", 4, positive=True), _random("w", 3, 4), _random("b", 3), _random("k", 3)],
+        ["n", 4],
+        ["n", 3],
+    ),
+    "opset9_clip_attributes_and_batchnorm": lambda: _graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+            helper.make_node("Clip", ["g"], ["c"], min=-1.0, max=0.5),
+            helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["bn"], epsilon=1e-3),
+            helper.make_node("Gemm", ["bn", "w2", "b2"], ["y"], transB=1),
+        ],
+        [
+            *(_random(n, 5) for n in ("b", "s", "bb", "mu")),
+            _random("var", 5, positive=True),
+            _random("w", 5, 4),
+            _random("w2", 3, 5),
+            _random("b2", 3),
+        ],
+        ["n", 4],
+        ["n", 3],
+        opset=9,
+    ),
+    "asymmetric_pads_bias_add_batchnorm_reshape_sigmoid": lambda: _graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[0, 1, 2, 0]),
+            helper.make_node("Add", ["c", "cb"], ["ca"]),
+            helper.make_node("BatchNormalization", ["ca", "s", "bb", "mu", "var"], ["bn"]),
+            helper.make_node("Tanh", ["bn"], ["t"]),
+            helper.make_node("Reshape", ["t", "shape"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["g"], transB=1),
+            helper.make_node("Sigmoid", ["g"], ["y"]),
+        ],
+        [
+            _random("w", 3, 2, 3, 3),
+            _random("cb", 3, 1, 1),
+            *(_random(n, 3) for n in ("s", "bb", "mu")),
+            _random("var", 3, positive=True),
+            _const("shape", [0, -1], np.int64),
+            _random("w2", 2, 60),
+            _random("b2", 2),
+        ],
+        ["n", 2, 5, 5],
+        ["n", 2],
+    ),
+    "softplus_threshold_pattern": lambda: _graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
+            helper.make_node("Softplus", ["g"], ["sp"]),
+            helper.make_node("Greater", ["g", "t"], ["gt"]),
+            helper.make_node("Where", ["gt", "g", "sp"], ["h"]),
+            helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1),
+        ],
+        [_random("w", 5, 4), _const("t", 0.5), _random("w2", 3, 5)],
+        ["n", 4],
+        ["n", 3],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_BUILT))
+def test_hand_built_onnx_graphs_match_the_onnx_reference(case: str) -> None:
+    imported = load_model(HAND_BUILT[case](), f"{case}.onnx")
+    assert isinstance(imported.module, nn.Sequential)
+    assert all(
+        isinstance(m, (nn.Linear, nn.Conv2d)) for m in imported.module.modules() if list(m.parameters(recurse=False))
+    )
+
+
+def test_hand_built_gemm_against_its_formula() -> None:
+    rng = np.random.default_rng(5)
+    b = rng.normal(size=(4, 3)).astype(np.float32)  # transB=0: (in, out)
+    c = rng.normal(size=(1, 3)).astype(np.float32)
+    data = _graph(
+        [helper.make_node("Gemm", ["x", "b", "c"], ["y"], alpha=0.5, beta=2.0)],
+        [_const("b", b), _const("c", c)],
+        ["n", 4],
+        ["n", 3],
+    )
+    imported = load_model(data, "gemm.onnx")
+    x = torch.randn(6, 4)
+    expected = 0.5 * x @ torch.from_numpy(b) + 2.0 * torch.from_numpy(c)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), expected)
+
+
+def test_zip_that_is_not_a_pt2() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("notes/readme.txt", "hello")
+    _expect("not_a_pt2", buf.getvalue(), "model.pt2")
+
+
+def test_oversized_upload_and_zip_bomb(exported) -> None:
+    data = exported[("mlp", "onnx-dynamo")][1]
+    error = _expect("too_large", data, "model.onnx", max_bytes=1000)
+    assert error.detail["max_bytes"] == 1000
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/archive_format", "pt2")
+        archive.writestr("archive/data/weights/weight_0", bytes(4 * 2**20))
+    assert len(buf.getvalue()) < 2**20
+    _expect("too_large", buf.getvalue(), "bomb.pt2", max_bytes=2**20)
+
+
+def test_huge_activation_is_refused_before_allocation() -> None:
+    padded = _graph(  # a 2-channel 8001 x 8001 feature map (128M values) from a 1-pixel input
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[4000, 4000, 4000, 4000]),
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("MatMul", ["f", "w2"], ["y"]),
+        ],
+        [_random("w", 2, 1, 1, 1), _random("w2", 2, 3)],
+        ["n", 1, 1, 1],
+        ["n", 3],
+    )
+    error = _expect("too_large", padded, "padded.onnx")
+    assert error.detail["op"] == "Conv"
+
+
+def test_error_codes_are_checked() -> None:
+    with pytest.raises(ValueError):
+        ModelImportError("no_such_code", "x")
+    error = ModelImportError("unsupported_op", "Foo is not supported", {"op": "Foo"})
+    assert isinstance(error, ValueError)
+    assert error.to_dict() == {"code": "unsupported_op", "message": "Foo is not supported", "detail": {"op": "Foo"}}
