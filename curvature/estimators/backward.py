@@ -34,18 +34,27 @@ OutputVectors = Callable[[Tensor, Tensor | None], Tensor]  # (f, y) -> (n, C, K)
 
 @contextmanager
 def record_layers(layers: list[Layer]):
-    """Record each layer's input and output (the output kept in the autograd graph) during a forward pass."""
+    """Record each layer's input and output (the output kept in the autograd graph) during a forward pass.
+
+    The rest of the network receives a copy of the output, so that in-place operations downstream (e.g.
+    ``nn.ReLU(inplace=True)``) cannot overwrite the recorded pre-activation. A layer called more than once in
+    one forward pass (shared weights) is refused: its curvature is not that of a single application.
+    """
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
     handles = []
     for layer in layers:
 
         def hook(module, args, output, name=layer.name):
+            if name in outputs:
+                raise ValueError(
+                    f"Layer {name!r} is called more than once in a forward pass; shared layers are not supported."
+                )
             inputs[name] = args[0].detach()
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             outputs[name] = output
-            return output
+            return output.clone()
 
         handles.append(layer.module.register_forward_hook(hook))
     try:

@@ -75,6 +75,8 @@ def fit_kfra(
         )
     if not isinstance(chain[-1], nn.Linear):
         raise ValueError("KFRA needs the network to end with a Linear layer (the likelihood's input).")
+    if len({id(m) for m in linears}) != len(linears):
+        raise ValueError("KFRA does not support a Linear layer used more than once in the chain (shared weights).")
     layers = find_layers(model) if layers is None else layers
     wanted = {id(layer.module): layer.name for layer in layers}
     if any(id(m) not in {id(x) for x in linears} for m in (layer.module for layer in layers)):
@@ -128,7 +130,7 @@ def fit_kfra(
                             continue
                         with torch.enable_grad():
                             hh = h.detach().requires_grad_(True)
-                            out = m(hh)
+                            out = m(hh.clone())  # the copy lets in-place activations run on a non-leaf
                             (d,) = torch.autograd.grad(out.sum(), hh)
                         deriv = d if deriv is None else deriv * d
                         h = out.detach()
