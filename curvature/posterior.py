@@ -109,6 +109,9 @@ class LaplacePosterior:
                 s_g, u_g = sym_eigh(f.G)
                 s_a, u_a = sym_eigh(f.A)
                 w = trace_norm_omega(f.G, f.A) if omega == "trace" else float(omega)
+                # eigh returns column-major eigenvectors; a loaded posterior has row-major ones. Matmuls round
+                # differently on the two layouts, so store one layout to keep save → load bit-exact.
+                u_g, u_a = u_g.contiguous(), u_a.contiguous()
                 block = LayerPosterior(layer.name, mean, u_g, u_a, s_g, s_a, None, w)
             self.blocks[layer.name] = block
         self.n_eff = float(self.n_data if n_eff is None else n_eff)

@@ -148,12 +148,15 @@ def _logit_samples(mean: Tensor, cov: Tensor, samples: int, seed: int) -> Tensor
     c = mean.shape[-1]
     jitter = 1e-9 * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
     chol, info = torch.linalg.cholesky_ex(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
-    if bool((info != 0).any()):
-        s, u = torch.linalg.eigh(cov)
-        chol = u * s.clamp_min(0).sqrt().unsqueeze(-2)
+    bad = info != 0
+    if bool(bad.any()):
+        s, u = torch.linalg.eigh(cov[bad])
+        chol[bad] = u * s.clamp_min(0).sqrt().unsqueeze(-2)
+    # One set of K standard normals shared by every input (as the MC predictive shares its K weight samples), so
+    # an input's prediction does not depend on the batch it arrives in or on its position there.
     gen = torch.Generator(device=mean.device).manual_seed(seed)
-    z = torch.randn(samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=gen)
-    return mean + torch.einsum("bcd,kbd->kbc", chol, z)
+    z = torch.randn(samples, c, dtype=mean.dtype, device=mean.device, generator=gen)
+    return mean + torch.einsum("bcd,kd->kbc", chol, z)
 
 
 # ----------------------------------------------------------------------------------------------- summaries
