@@ -143,7 +143,9 @@ def fit_laplace(
     post = LaplacePosterior(
         model, factors, lik, n_eff=cfg.n_eff, prior_precision=cfg.prior_precision, damping=cfg.damping
     )
-    post.metadata.update({"config": cfg.to_dict(), "seed": cfg.seed, "ood_score": cfg.ood_score})
+    post.metadata.update(
+        {"config": cfg.to_dict(), "seed": cfg.seed, "ood_score": cfg.ood_score, "predictive": cfg.predictive}
+    )
     tuning = cfg.tuning
     if tuning == "validation" and x_val is None:
         tuning = "marglik"
@@ -168,6 +170,7 @@ def fit_laplace(
     post.metadata["tuning"] = tuning
     report(0.9, "calibrating OOD threshold")
     heldout = x_val if x_val is not None else x_train[: min(len(x_train), 1000)]
-    calibrate_ood(post, heldout, quantile=cfg.ood_quantile, samples=cfg.samples, predictive=cfg.predictive)
+    for predictive in (cfg.predictive, *(p for p in ("mc", "glm") if p != cfg.predictive)):
+        calibrate_ood(post, heldout, quantile=cfg.ood_quantile, samples=cfg.samples, predictive=predictive)
     report(1.0, "done")
     return post

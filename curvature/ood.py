@@ -22,6 +22,9 @@ def calibrate_ood(
 ) -> dict[str, float]:
     """Store on ``post`` the ``quantile`` of each OOD score over held-out in-distribution inputs.
 
+    Thresholds are kept per predictive (``post.ood_table[predictive][score]``): the scores of the MC and the
+    linearised predictive live on different scales.
+
     Returns:
         The thresholds, keyed by score name.
     """
@@ -33,11 +36,12 @@ def calibrate_ood(
 
     if scores is None:
         scores = ("entropy", "mutual_information") if isinstance(post.likelihood, Gaussian) else OOD_SCORES
+    predictive = predictive or post.default_predictive
     out = post.predict(x_heldout, samples=samples, predictive=predictive, ood_score=scores[0], link=link)
     thresholds = {}
     for score in scores:
         values = ood_score_of(out, score).double()
         thresholds[score] = float(values.quantile(quantile))
-    post.ood_thresholds.update(thresholds)
+    post.ood_table.setdefault(predictive, {}).update(thresholds)
     post.metadata["ood_quantile"] = quantile
     return thresholds

@@ -116,9 +116,10 @@ class LaplacePosterior:
             self.blocks[layer.name] = block
         self.n_eff = float(self.n_data if n_eff is None else n_eff)
         self.prior_precision = prior_precision
-        self.ood_thresholds: dict[str, float] = {}
+        self.ood_table: dict[str, dict[str, float]] = {}
         self.metadata: dict[str, object] = {}
         self._bank: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._model_layers = _layer_signature(model)
 
     # ----------------------------------------------------------------------------------------------- basics
     @property
@@ -208,7 +209,7 @@ class LaplacePosterior:
         self,
         x: Tensor,
         samples: int = 100,
-        predictive: str = "mc",
+        predictive: str | None = None,
         ood_score: str | None = None,
         seed: int | None = None,
         link: str = "mc",
@@ -228,11 +229,22 @@ class LaplacePosterior:
             batch_size=batch_size,
         )
 
-    def ood_threshold(self, score: str) -> float:
-        """The calibrated threshold of an OOD score (see :mod:`curvature.ood`)."""
-        if score not in self.ood_thresholds:
-            raise ValueError(f"No OOD threshold calibrated for score {score!r}; have {sorted(self.ood_thresholds)}.")
-        return self.ood_thresholds[score]
+    @property
+    def default_predictive(self) -> str:
+        """The predictive the fit was configured (and tuned) for; ``predict`` uses it unless told otherwise."""
+        return str(self.metadata.get("predictive", "mc"))
+
+    @property
+    def ood_thresholds(self) -> dict[str, float]:
+        """Thresholds per OOD score for the default predictive (``ood_table`` holds every predictive)."""
+        return self.ood_table.setdefault(self.default_predictive, {})
+
+    def ood_threshold(self, score: str, predictive: str | None = None) -> float:
+        """The calibrated threshold of an OOD score for a predictive (see :mod:`curvature.ood`)."""
+        table = self.ood_table.get(predictive or self.default_predictive, {})
+        if score not in table:
+            raise ValueError(f"No OOD threshold calibrated for score {score!r}; have {sorted(table)}.")
+        return table[score]
 
     def summary(self) -> dict[str, object]:
         """JSON-able description of the posterior."""
@@ -277,11 +289,12 @@ class LaplacePosterior:
             "n_data": self.n_data,
             "n_eff": self.n_eff,
             "prior_precision": self._prior,
-            "ood_thresholds": self.ood_thresholds,
+            "ood_table": self.ood_table,
             "metadata": self.metadata,
             "layers": layers,
-            "digest": _digest(tensors),
+            "model_layers": self._model_layers,
         }
+        meta["digest"] = _digest(tensors, meta)
         return save(tensors, metadata={"kronlap": json.dumps(meta)})
 
     @classmethod
@@ -303,7 +316,7 @@ class LaplacePosterior:
             raise ValueError(f"Not a kronlap posterior file: {exc}") from None
         if meta.get("format") != "kronlap-laplace" or meta.get("version") != FORMAT_VERSION:
             raise ValueError("Not a kronlap posterior file (format/version mismatch).")
-        if _digest(tensors) != meta.get("digest"):
+        if _digest(tensors, {k: v for k, v in meta.items() if k != "digest"}) != meta.get("digest"):
             raise ValueError("Posterior file contents do not match their digest (tampered or corrupted).")
         self = cls.__new__(cls)
         self.model = model
@@ -319,8 +332,12 @@ class LaplacePosterior:
         names = [entry["name"] for entry in meta["layers"]]
         try:
             self.layers = find_layers(model, include=names)
+            signature = _layer_signature(model)
         except ValueError as exc:
             raise ValueError(f"The model does not match the posterior: {exc}") from None
+        if signature != meta.get("model_layers"):
+            raise ValueError("The model's trainable layers do not match those the posterior was fitted on.")
+        self._model_layers = signature
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.blocks = {}
         for layer, entry in zip(self.layers, meta["layers"], strict=True):
@@ -332,20 +349,25 @@ class LaplacePosterior:
 
             mean = get("mean")
             current = layer.handler.weight_matrix(layer.module).detach()
-            if mean.shape != current.shape or not torch.allclose(mean, current, rtol=1e-5, atol=1e-6):
+            if mean.shape != current.shape or not torch.equal(mean, current):
                 raise ValueError(f"Layer {layer.name!r} of the model does not match the posterior mean.")
             self.blocks[layer.name] = LayerPosterior(
                 layer.name, mean, get("U_G"), get("U_A"), get("s_G"), get("s_A"), get("diag"), float(entry["omega"])
             )
         self._prior = {k: float(v) for k, v in meta["prior_precision"].items()}
-        self.ood_thresholds = {k: float(v) for k, v in meta["ood_thresholds"].items()}
+        self.ood_table = {p: {k: float(v) for k, v in t.items()} for p, t in meta["ood_table"].items()}
         self.metadata = dict(meta.get("metadata") or {})
         self._bank = {}
         return self
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _layer_signature(model: nn.Module) -> list[list]:
+    """Names and ``Ŵ`` shapes of every trainable layer of a model."""
+    return [[layer.name, list(layer.shape)] for layer in find_layers(model)]
+
+
+def _digest(tensors: dict[str, Tensor], meta: dict) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for key in sorted(tensors):
         t = tensors[key]
         h.update(key.encode())

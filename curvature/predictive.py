@@ -254,7 +254,7 @@ def predict(
         post: a :class:`~curvature.posterior.LaplacePosterior`.
         x: inputs (B, ...) in the model's input layout.
         samples: MC samples (weights for ``"mc"``, logits for ``"glm"``).
-        predictive: ``"mc"`` or ``"glm"``.
+        predictive: ``"mc"`` or ``"glm"`` (default: the one the fit was configured for).
         ood_score: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"`` (default: the calibrated one).
         seed: random seed (default: the posterior's, so repeated calls agree).
         link: ``"mc"`` or ``"probit"`` for the GLM class probabilities.
@@ -264,6 +264,7 @@ def predict(
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}.")
+    predictive = predictive or post.default_predictive
     if x.shape[0] == 0:
         raise ValueError("Empty batch.")
     seed = int(post.metadata.get("seed", 0)) if seed is None else int(seed)
@@ -276,10 +277,10 @@ def predict(
     ]
     out = {k: torch.cat([p[k] for p in parts], 0) for k in parts[0]}
     out["ood_score"] = ood_score_of(out, score)
-    threshold = post.ood_thresholds.get(score, math.nan)
-    out["ood_threshold"] = torch.tensor(threshold, dtype=dtype)
+    threshold = post.ood_table.get(predictive, {}).get(score, math.nan)
+    out["ood_threshold"] = torch.tensor(threshold, dtype=torch.float64)
     out["ood"] = (
-        out["ood_score"] > threshold
+        out["ood_score"].double() > threshold
         if not math.isnan(threshold)
         else torch.zeros_like(out["entropy"], dtype=torch.bool)
     )
