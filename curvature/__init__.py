@@ -29,7 +29,7 @@ from .metrics import accuracy, auroc, ece, nll_classification, nll_gaussian
 from .ood import calibrate_ood
 from .posterior import LaplacePosterior
 from .predictive import predict
-from .tuning import TuningResult, tune_marglik, tune_validation
+from .tuning import TuningResult, tune_marglik, tune_null_prior, tune_validation
 
 __all__ = [
     "CURVATURES",
@@ -45,6 +45,7 @@ __all__ = [
     "nll_gaussian",
     "predict",
     "tune_marglik",
+    "tune_null_prior",
     "tune_validation",
     "Bernoulli",
     "BinaryMixture",

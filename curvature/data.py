@@ -327,8 +327,16 @@ def _font(path: str | None, size: int):
 _CANVAS = 112  # render canvas (px); large enough for a 64 px glyph with stroke, shear and rotation
 
 
-def _render_letter(ch: str, font, stroke: int, matrix: np.ndarray, box: int, shift: tuple[float, float]) -> np.ndarray:
-    """Draws one glyph large, distorts it, and fits it MNIST-style into a 28×28 float image.
+def _render_letter(
+    ch: str,
+    font,
+    stroke: int,
+    matrix: np.ndarray,
+    box: int,
+    shift: tuple[float, float],
+    placement: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Draws one glyph large, distorts it, and fits it into a 28×28 float image.
 
     Args:
         ch: The letter.
@@ -336,7 +344,9 @@ def _render_letter(ch: str, font, stroke: int, matrix: np.ndarray, box: int, shi
         stroke: Extra stroke width in render pixels (bolder glyphs).
         matrix: 2×2 forward map (rotation · shear · stretch) applied about the canvas centre.
         box: Side of the square the glyph is fitted into (longest side = ``box`` px).
-        shift: Offset ``(rows, cols)`` of the centre of mass from the image centre.
+        shift: Offset ``(rows, cols)`` of the centre of mass from the image centre (MNIST-style placement).
+        placement: If given, ``(u_rows, u_cols)`` in ``[0, 1]``: the glyph's box is placed at that fraction of
+            the free room instead of being centred by mass (notMNIST-style placement).
 
     Returns:
         ``(28, 28)`` float32 array in ``[0, 1]`` with maximum 1.
@@ -370,28 +380,35 @@ def _render_letter(ch: str, font, stroke: int, matrix: np.ndarray, box: int, shi
     rows, cols = np.indices(glyph.shape)
     mass = glyph.sum()
     com = ((rows * glyph).sum() / mass, (cols * glyph).sum() / mass)
-    r0 = int(np.clip(round(13.5 + shift[0] - com[0]), 0, 28 - glyph.shape[0]))
-    c0 = int(np.clip(round(13.5 + shift[1] - com[1]), 0, 28 - glyph.shape[1]))
+    if placement is None:
+        r0 = int(np.clip(round(13.5 + shift[0] - com[0]), 0, 28 - glyph.shape[0]))
+        c0 = int(np.clip(round(13.5 + shift[1] - com[1]), 0, 28 - glyph.shape[1]))
+    else:
+        r0 = round(placement[0] * (28 - glyph.shape[0]))
+        c0 = round(placement[1] * (28 - glyph.shape[1]))
     out[r0 : r0 + glyph.shape[0], c0 : c0 + glyph.shape[1]] = glyph
     return out
 
 
 def letters(
-    n: int = 500, seed: int = 0, flat: bool = True, return_labels: bool = False
+    n: int = 500, seed: int = 0, flat: bool = True, return_labels: bool = False, style: str = "notmnist"
 ) -> Tensor | tuple[Tensor, Tensor]:
     """NotMNIST-style out-of-distribution images: capital letters A–J rendered from fonts.
 
     Each image draws one letter in a random font (:func:`letter_fonts`) at a random size, bolder by a
     random stroke, slanted by a random shear (faux italic), stretched slightly, and rotated by up to ±12°.
-    As in MNIST, the glyph is anti-aliased, fitted into a 17–20 px box, white on black, and placed in a
-    28×28 image with its centre of mass within about one pixel of the image centre. The ten letters occur
-    equally often (±1). Results depend on ``seed`` and on the fonts installed on the machine.
+    The glyph is anti-aliased, white on black, in a 28×28 image. With ``style="notmnist"`` (default) it fills
+    most of the frame as in the notMNIST data set: its longest side is 22–28 px and it sits anywhere the
+    frame allows. With ``style="mnist"`` it is normalised like MNIST digits instead: fitted into a 17–20 px
+    box with its centre of mass within about one pixel of the image centre — a harder out-of-distribution
+    set. The ten letters occur equally often (±1). Results depend on ``seed`` and on the fonts installed.
 
     Args:
         n: Number of images.
         seed: Seed of every random choice.
         flat: ``True`` for ``(n, 784)``, ``False`` for ``(n, 1, 28, 28)``.
         return_labels: Also return int64 labels, ``k`` meaning ``LETTERS[k]``.
+        style: ``"notmnist"`` or ``"mnist"`` (see above).
 
     Returns:
         Float32 images in ``[0, 1]``, and the ``(n,)`` labels if ``return_labels``.
@@ -402,6 +419,8 @@ def letters(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     _check_seed(seed)
+    if style not in ("notmnist", "mnist"):
+        raise ValueError(f"style must be 'notmnist' or 'mnist', got {style!r}")
     rng = np.random.default_rng(seed)
     fonts: tuple[str | None, ...] = letter_fonts() or (None,)
     labels = rng.permutation(np.arange(n) % len(LETTERS))
@@ -417,7 +436,11 @@ def letters(
         matrix = rotate @ np.array([[1.0, -slant], [0.0, 1.0]]) @ np.diag([stretch, 1.0])
         box = int(rng.integers(17, 21))
         shift = tuple(rng.uniform(-1.0, 1.0, size=2))
-        images[i] = _render_letter(LETTERS[label], font, stroke, matrix, box, shift)
+        placement = None
+        if style == "notmnist":
+            box = int(rng.integers(22, 29))
+            placement = tuple(rng.uniform(0.0, 1.0, size=2))
+        images[i] = _render_letter(LETTERS[label], font, stroke, matrix, box, shift, placement)
 
     x = torch.from_numpy(images).reshape(n, -1) if flat else torch.from_numpy(images).unsqueeze(1)
     if return_labels:

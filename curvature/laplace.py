@@ -14,7 +14,7 @@ from .layers import find_layers
 from .likelihoods import CrossEntropy, Gaussian
 from .ood import calibrate_ood
 from .posterior import LaplacePosterior, estimate_sigma
-from .tuning import tune_marglik, tune_validation
+from .tuning import tune_marglik, tune_null_prior, tune_validation
 
 CURVATURES = ("kfac", "kflr", "kfra", "rp", "diag")
 
@@ -38,6 +38,7 @@ class LaplaceConfig:
     samples: int = 100
     seed: int = 0
     tune_per_layer: bool = False
+    tune_null_prior: bool = True
     sigma: float | None = None
 
     def __post_init__(self) -> None:
@@ -162,6 +163,11 @@ def fit_laplace(
             progress=lambda f, m: report(0.65 + 0.25 * f, m),
         )
         post.metadata["validation_nll"] = result.objective
+        if cfg.tune_null_prior and cfg.damping == "exact":
+            chosen = tune_null_prior(
+                post, x_val, y_val, predictive=cfg.predictive, samples=min(cfg.samples, 32), seed=cfg.seed
+            )
+            post.metadata["null_prior"] = chosen
     elif tuning == "marglik":
         result = tune_marglik(
             post, _train_nll(model, lik, x_train, y_train, cfg.batch_size), per_layer=cfg.tune_per_layer

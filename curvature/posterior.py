@@ -48,12 +48,35 @@ class LayerPosterior:
     def kind(self) -> str:
         return "diag" if self.diag is not None else "kron"
 
+    @property
+    def null_columns(self) -> Tensor:
+        """Input directions (columns of ``Λ``) the training data never excited: the curvature is ~0 there.
+
+        Kronecker: eigenvectors of ``A`` with eigenvalue ≤ 1e-6 of the largest (e.g. pixels that are never lit,
+        hidden units that never fire); diagonal: inputs whose curvature column is ≤ 1e-6 of the largest entry.
+        """
+        if self.diag is not None:
+            col = self.diag.amax(0)
+        else:
+            col = self.s_A
+        return col <= 1e-6 * col.max().clamp_min(torch.finfo(col.dtype).tiny)
+
+    def prior_matrix(self, prior_precision: float, null_prior: float | None = None) -> float | Tensor:
+        """``τ`` for every eigen-direction: a scalar, or per column when unseen directions get ``null_prior``."""
+        if null_prior is None:
+            return prior_precision
+        mask = self.null_columns
+        tau = torch.full(mask.shape, float(prior_precision), dtype=self.mean.dtype, device=self.mean.device)
+        return tau.masked_fill(mask, float(null_prior))
+
     def eigenvalues(self, n_eff: float, prior_precision: float | Tensor, damping: str) -> Tensor:
         """The (out, in+1) matrix ``Λ`` of precision eigenvalues."""
         if self.diag is not None:
             return n_eff * self.diag + prior_precision
         if damping == "exact":
             return n_eff * torch.outer(self.s_G, self.s_A) + prior_precision
+        if isinstance(prior_precision, Tensor) and prior_precision.numel() > 1:
+            raise ValueError("Factored damping needs a scalar prior precision per layer.")
         rn, rt = math.sqrt(n_eff), torch.as_tensor(prior_precision, dtype=self.mean.dtype).sqrt()
         return torch.outer(rn * self.s_G + self.omega * rt, rn * self.s_A + rt / self.omega)
 
@@ -116,6 +139,7 @@ class LaplacePosterior:
             self.blocks[layer.name] = block
         self.n_eff = float(self.n_data if n_eff is None else n_eff)
         self.prior_precision = prior_precision
+        self._null_prior: dict[str, float] = {}
         self.ood_table: dict[str, dict[str, float]] = {}
         self.metadata: dict[str, object] = {}
         self._bank: dict[tuple[int, int], dict[str, Tensor]] = {}
@@ -140,6 +164,33 @@ class LaplacePosterior:
         self._prior = prior
         self._bank = {}
 
+    @property
+    def null_prior(self) -> dict[str, float]:
+        """Prior precision of the directions the data never excited, per layer (empty: the layer's ``τ``)."""
+        return dict(self._null_prior)
+
+    @null_prior.setter
+    def null_prior(self, value: float | dict[str, float] | None) -> None:
+        if value is None:
+            value = {}
+        elif not isinstance(value, dict):
+            value = {name: float(value) for name, block in self.blocks.items() if bool(block.null_columns.any())}
+        if any(not (v > 0 and math.isfinite(v)) for v in value.values()):
+            raise ValueError("null prior precision must be positive and finite.")
+        if value and self.damping == "factored":
+            raise ValueError("A separate prior for unseen directions needs exact damping.")
+        unknown = set(value) - set(self.blocks)
+        if unknown:
+            raise ValueError(f"Unknown layers {sorted(unknown)}.")
+        self._null_prior = {k: float(v) for k, v in value.items()}
+        self._bank = {}
+
+    def prior_matrix(self, name: str, prior: float | None = None, null_prior: float | None = None):
+        """``τ`` of a layer per eigen-direction (a scalar unless a null-space prior is set)."""
+        tau = self._prior[name] if prior is None else prior
+        tau0 = self._null_prior.get(name) if null_prior is None else null_prior
+        return self.blocks[name].prior_matrix(tau, tau0)
+
     def set_hyperparameters(self, n_eff: float | None = None, prior_precision=None) -> None:
         """Change ``N_eff`` and/or ``τ`` (no refit needed)."""
         if n_eff is not None:
@@ -154,9 +205,10 @@ class LaplacePosterior:
     def n_params(self) -> int:
         return sum(b.mean.numel() for b in self.blocks.values())
 
-    def eigenvalues(self, name: str, n_eff: float | None = None, prior: float | None = None) -> Tensor:
+    def eigenvalues(self, name: str, n_eff: float | None = None, prior: float | Tensor | None = None) -> Tensor:
+        """Precision eigenvalues of a layer; ``prior`` overrides the stored ``τ`` (and null-space prior)."""
         n = self.n_eff if n_eff is None else n_eff
-        tau = self._prior[name] if prior is None else prior
+        tau = self.prior_matrix(name) if prior is None else prior
         return self.blocks[name].eigenvalues(n, tau, self.damping)
 
     # ---------------------------------------------------------------------------------------- the Gaussian
@@ -181,8 +233,9 @@ class LaplacePosterior:
         return total
 
     def logdet_precision(self, n_eff: float | None = None, prior: dict[str, float] | None = None) -> Tensor:
-        prior = self._prior if prior is None else prior
-        return sum(self.eigenvalues(name, n_eff, prior[name]).log().sum() for name in self.blocks)
+        return sum(
+            self.eigenvalues(name, n_eff, None if prior is None else prior[name]).log().sum() for name in self.blocks
+        )
 
     def log_marginal_likelihood(
         self, train_nll: float, n_eff: float | None = None, prior: float | dict[str, float] | None = None
@@ -193,14 +246,17 @@ class LaplacePosterior:
         ``n_eff ≠ N`` the likelihood is tempered by ``n_eff / N``.
         """
         n = self.n_eff if n_eff is None else float(n_eff)
-        if prior is None:
-            prior = self._prior
-        elif not isinstance(prior, dict):
+        if prior is not None and not isinstance(prior, dict):
             prior = dict.fromkeys(self.blocks, float(prior))
         value = -(n / self.n_data) * train_nll
         for name, block in self.blocks.items():
-            tau = prior[name]
-            value += -0.5 * tau * float((block.mean**2).sum()) + 0.5 * block.mean.numel() * math.log(tau)
+            tau = self.prior_matrix(name) if prior is None else prior[name]
+            if isinstance(tau, Tensor):  # per-direction prior: work in the eigenbasis
+                theta2 = block.to_eigenbasis(block.mean) ** 2
+                full = tau.expand_as(theta2)
+                value += -0.5 * float((full * theta2).sum()) + 0.5 * float(full.log().sum())
+            else:
+                value += -0.5 * tau * float((block.mean**2).sum()) + 0.5 * block.mean.numel() * math.log(tau)
             value -= 0.5 * float(self.eigenvalues(name, n, tau).log().sum())
         return value
 
@@ -256,6 +312,7 @@ class LaplacePosterior:
             "n_data": self.n_data,
             "n_eff": self.n_eff,
             "prior_precision": taus[0] if len(taus) == 1 else dict(self._prior),
+            "null_prior": dict(self._null_prior),
             "n_params": self.n_params,
             "layers": {n: list(b.mean.shape) for n, b in self.blocks.items()},
             "ood_thresholds": dict(self.ood_thresholds),
@@ -289,6 +346,7 @@ class LaplacePosterior:
             "n_data": self.n_data,
             "n_eff": self.n_eff,
             "prior_precision": self._prior,
+            "null_prior": self._null_prior,
             "ood_table": self.ood_table,
             "metadata": self.metadata,
             "layers": layers,
@@ -355,6 +413,7 @@ class LaplacePosterior:
                 layer.name, mean, get("U_G"), get("U_A"), get("s_G"), get("s_A"), get("diag"), float(entry["omega"])
             )
         self._prior = {k: float(v) for k, v in meta["prior_precision"].items()}
+        self._null_prior = {k: float(v) for k, v in meta.get("null_prior", {}).items()}
         self.ood_table = {p: {k: float(v) for k, v in t.items()} for p, t in meta["ood_table"].items()}
         self.metadata = dict(meta.get("metadata") or {})
         self._bank = {}

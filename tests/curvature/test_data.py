@@ -37,9 +37,14 @@ def mnist() -> data.Splits:
     return data.mnist5k(seed=0)
 
 
+@pytest.fixture(scope="module", params=["notmnist", "mnist"])
+def glyphs(request) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.letters(500, seed=0, return_labels=True, style=request.param)
+
+
 @pytest.fixture(scope="module")
-def glyphs() -> tuple[torch.Tensor, torch.Tensor]:
-    return data.letters(500, seed=0, return_labels=True)
+def mnist_style_glyphs() -> tuple[torch.Tensor, torch.Tensor]:
+    return data.letters(500, seed=0, return_labels=True, style="mnist")
 
 
 # ---------------------------------------------------------------------------- MNIST-5k and digits
@@ -118,12 +123,12 @@ def test_letters_shapes_ranges_and_labels(glyphs: tuple[torch.Tensor, torch.Tens
     assert y.shape == (500,) and y.dtype == torch.int64
     assert x.min() >= 0.0 and torch.allclose(x.max(1).values, torch.ones(500))
     assert torch.bincount(y, minlength=10).tolist() == [50] * 10
-    assert 0.07 < x.mean() < 0.25  # MNIST-like ink coverage, neither blank nor blobs
+    assert 0.07 < x.mean() < 0.35  # ink coverage: neither blank nor blobs
     assert data.letters(3, flat=False).shape == (3, 1, 28, 28)
 
 
-def test_letters_look_like_mnist(glyphs: tuple[torch.Tensor, torch.Tensor]) -> None:
-    images = glyphs[0].reshape(-1, 28, 28)
+def test_mnist_style_letters_look_like_mnist(mnist_style_glyphs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    images = mnist_style_glyphs[0].reshape(-1, 28, 28)
     rows, cols = _centre_of_mass(images)
     assert (rows - 13.5).abs().max() <= 2.0 and (cols - 13.5).abs().max() <= 2.0
     occupied = images > 0
@@ -131,6 +136,18 @@ def test_letters_look_like_mnist(glyphs: tuple[torch.Tensor, torch.Tensor]) -> N
     assert torch.maximum(height, width).max() <= 20 and torch.maximum(height, width).min() >= 16
     ink = images[images > 0]
     assert (ink < 1).float().mean() > 0.3  # anti-aliased edges, not a binary mask
+
+
+def test_notmnist_style_letters_fill_the_frame() -> None:
+    images = data.letters(300, seed=0).reshape(-1, 28, 28)
+    occupied = images > 0
+    longest = torch.maximum(_extent(occupied.any(2)), _extent(occupied.any(1)))
+    assert longest.min() >= 21 and longest.max() <= 28 and longest.float().mean() > 23
+    rows, cols = _centre_of_mass(images)
+    mnist_rows, _ = _centre_of_mass(data.letters(300, seed=0, style="mnist").reshape(-1, 28, 28))
+    assert rows.std() > 2 * mnist_rows.std()  # placed anywhere in the frame, not centred by mass
+    with pytest.raises(ValueError, match="style"):
+        data.letters(3, style="cursive")
 
 
 Glyphs = tuple[torch.Tensor, torch.Tensor]
