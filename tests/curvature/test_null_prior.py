@@ -80,7 +80,7 @@ def test_covariance_log_prob_and_evidence_match_dense(kind):
     # evidence: −nll − ½ θᵀ Π θ + ½ log det Π − ½ log det P, with Π the (per-direction) prior precision
     prior = precision.clone()
     start = 0
-    for name, b in post.blocks.items():
+    for b in post.blocks.values():
         size = b.mean.numel()
         prior[start : start + size, start : start + size] -= post.n_eff * (
             torch.diag(b.diag.reshape(-1))

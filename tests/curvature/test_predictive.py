@@ -264,7 +264,7 @@ def test_fit_laplace_on_mnist_flags_letters_more_than_digits():
     model, x_tr, y_tr, val, test = trained_mnist_mlp()
     with torch.no_grad():
         assert cv.accuracy(torch.softmax(model(test.x), -1), test.y) > 0.8
-    config = cv.LaplaceConfig(curvature="kflr", samples=50, ood_quantile=0.95)
+    config = cv.LaplaceConfig(curvature="kflr", samples=50, ood_quantile=0.95, predictive="glm")
     post = cv.fit_laplace(model, x_tr, y_tr, val.x, val.y, config)
     assert post.metadata["tuning"] == "validation"
     ood_letters = post.predict(letters(300, seed=1), samples=50)["ood"].double().mean()
