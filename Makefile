@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the local CPU build first, so nothing else pulls a CUDA wheel
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]' torch==2.13.0
+	# BackPACK (independent cross-check in the tests) declares torchvision, which must not come in: no deps
+	$(PY) bench/install_rivals.py --backpack-only
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -173,10 +173,10 @@ def timeit(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1, device: torc
     return statistics.median(times)
 
 
-def time_epoch(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128, repeat: int = 3) -> float:
-    """Seconds of one training epoch (shuffle, forward, backward, Adam step) over ``(x, y)``.
+def training_epoch(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128) -> Callable[[], None]:
+    """A callable running one training epoch (shuffle, forward, backward, Adam step) over ``(x, y)``.
 
-    Runs on a copy, so ``model`` keeps its weights. One warm-up epoch, then the median of ``repeat``.
+    It trains a copy, so ``model`` keeps its weights.
     """
     trainee = copy.deepcopy(model).train()
     optimiser = torch.optim.Adam(trainee.parameters(), lr=1e-4)
@@ -191,7 +191,15 @@ def time_epoch(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128, re
             loss_fn(trainee(x[idx]), y[idx]).backward()
             optimiser.step()
 
-    return timeit(epoch, repeat=repeat, warmup=1, device=x.device)
+    return epoch
+
+
+def time_epoch(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128, repeat: int = 3) -> float:
+    """Seconds of one training epoch over ``(x, y)`` (see :func:`training_epoch`); ``model`` is unchanged.
+
+    One warm-up epoch, then the median of ``repeat``.
+    """
+    return timeit(training_epoch(model, x, y, batch_size), repeat=repeat, warmup=1, device=x.device)
 
 
 def write_report(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:

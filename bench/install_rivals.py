@@ -1,6 +1,7 @@
 """Install the rival libraries the benchmarks compare against, into the running interpreter.
 
-Usage: ``python bench/install_rivals.py [--force]`` (``make bench-deps``).
+Usage: ``python bench/install_rivals.py [--force] [--backpack-only]`` (``make bench-deps``); ``--backpack-only``
+installs just the BackPACK pins the test suite's cross-check needs.
 
 laplace-torch and BackPACK declare ``torchvision`` as a requirement, but neither needs it for what the
 benchmarks use, and the registry's torchvision does not import beside our torch build. So every package is
@@ -36,6 +37,9 @@ RIVAL_PINS: tuple[str, ...] = (
     "unfoldNd==0.2.3",
 )
 
+# The subset the test suite needs (tests/curvature/test_backpack.py): BackPACK alone, without torchvision.
+BACKPACK_PINS: tuple[str, ...] = ("backpack-for-pytorch==1.7.1", "einops==0.8.2", "unfoldNd==0.2.3")
+
 # Shared with the project: only installed when missing or too old, never downgraded.
 SHARED_REQUIREMENTS: tuple[str, ...] = (
     "numpy>=1.26",
@@ -66,6 +70,22 @@ for kwargs in ({}, {"backend": CurvlinopsGGN, "backend_kwargs": {"stochastic": T
     if not torch.allclose(probs.sum(-1), torch.ones(4), atol=1e-4):
         raise SystemExit("laplace-torch predictive is not normalised")
 print("laplace-torch OK")
+"""
+
+
+BACKPACK_SMOKE_TEST = """
+import torch
+from torch import nn
+from backpack import backpack, extend
+from backpack.extensions import KFLR
+
+model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+loss = extend(nn.CrossEntropyLoss())(model(torch.randn(5, 4)), torch.randint(0, 2, (5,)))
+with backpack(KFLR()):
+    loss.backward()
+if model[0].weight.kflr[0].shape != (3, 3):
+    raise SystemExit("unexpected BackPACK KFLR factor shape")
+print("BackPACK OK")
 """
 
 
@@ -129,9 +149,9 @@ def pip_install(requirements: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def smoke_test() -> bool:
-    """Import laplace-torch and fit a tiny Kronecker Laplace, in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-c", SMOKE_TEST], capture_output=True, text=True)
+def smoke_test(code: str = SMOKE_TEST) -> bool:
+    """Runs ``code`` (by default: import laplace-torch, fit a tiny Kronecker Laplace) in a fresh interpreter."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
         print(result.stdout + result.stderr, file=sys.stderr)
     return result.returncode == 0
@@ -139,20 +159,26 @@ def smoke_test() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="reinstall every pin even when satisfied")
+    parser.add_argument("--force", action="store_true", help="run pip even when every pin looks satisfied")
+    parser.add_argument(
+        "--backpack-only", action="store_true", help="install only BackPACK (for the test suite), not laplace-torch"
+    )
     args = parser.parse_args(argv)
 
     check_torch()
-    todo = list(RIVAL_PINS + SHARED_REQUIREMENTS) if args.force else unmet(RIVAL_PINS + SHARED_REQUIREMENTS)
-    if not todo and smoke_test():
-        print("rivals already installed: " + ", ".join(RIVAL_PINS), file=sys.stderr)
+    pins = BACKPACK_PINS if args.backpack_only else RIVAL_PINS
+    check = BACKPACK_SMOKE_TEST if args.backpack_only else SMOKE_TEST
+    wanted = pins + SHARED_REQUIREMENTS
+    todo = list(wanted) if args.force else unmet(wanted)
+    if not todo and smoke_test(check):
+        print("already installed: " + ", ".join(pins), file=sys.stderr)
         return 0
     if todo:
         pip_install(todo)
-    if not smoke_test():
-        print("laplace-torch smoke test failed after installing " + ", ".join(todo), file=sys.stderr)
+    if not smoke_test(check):
+        print("smoke test failed after installing " + ", ".join(todo), file=sys.stderr)
         return 1
-    print("rivals installed: " + ", ".join(RIVAL_PINS), file=sys.stderr)
+    print("installed: " + ", ".join(pins), file=sys.stderr)
     return 0
 
 
