@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from app.errors import NotFound
 from app.store import ArtifactStore, valid_id
@@ -72,11 +72,22 @@ class FitRecord(BaseModel):
     posterior_sha256: str
     size_bytes: int
     ood_score: str
-    ood_thresholds: dict[str, float] = Field(default_factory=dict)
+    ood_thresholds: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Calibrated OOD thresholds by predictive (mc, glm), then by score."
+    )
     summary: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"
     duration_s: float = 0.0
     created_at: float = Field(default_factory=time.time)
+
+    @field_validator("ood_thresholds", mode="before")
+    @classmethod
+    def _nest_flat_thresholds(cls, value: Any, info: ValidationInfo) -> Any:
+        # Records written before thresholds were kept per predictive hold {score: value}.
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+            predictive = str((info.data.get("config") or {}).get("predictive", "mc"))
+            return {predictive: value}
+        return value
 
 
 class Catalog:
@@ -126,6 +137,11 @@ class Catalog:
     def put_dataset(self, record: DatasetRecord) -> None:
         """Writes (or overwrites) a dataset record."""
         self.store.put_record("datasets", record.id, record.model_dump())
+
+    def datasets(self, tenant: str) -> list[DatasetRecord]:
+        """The tenant's datasets, newest first."""
+        found = [DatasetRecord.model_validate(r) for r in self.store.records("datasets") if r.get("tenant") == tenant]
+        return sorted(found, key=lambda r: r.created_at, reverse=True)
 
     def delete_dataset(self, dataset_id: str, tenant: str | None) -> None:
         """Deletes a dataset record (fits made from it stay usable)."""

@@ -101,9 +101,7 @@ def _as_inputs(name: str, arr: np.ndarray) -> np.ndarray:
             f"{name} must hold real numbers, got dtype {arr.dtype}", code="invalid_dtype", detail={name: str(arr.dtype)}
         )
     if arr.ndim < 2:
-        raise InvalidInput(
-            f"{name} must have shape (n, ...features), got {list(arr.shape)}", code="invalid_shape"
-        )
+        raise InvalidInput(f"{name} must have shape (n, ...features), got {list(arr.shape)}", code="invalid_shape")
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
         raise InvalidInput(f"{name} holds NaN or infinite values (after conversion to float32)", code="non_finite")
@@ -113,13 +111,17 @@ def _as_inputs(name: str, arr: np.ndarray) -> np.ndarray:
 def _as_targets(name: str, arr: np.ndarray, n: int) -> np.ndarray:
     if arr.dtype.kind in "iu":
         if arr.ndim != 1:
-            raise InvalidInput(f"integer labels {name} must have shape (n,), got {list(arr.shape)}", code="invalid_shape")
+            raise InvalidInput(
+                f"integer labels {name} must have shape (n,), got {list(arr.shape)}", code="invalid_shape"
+            )
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int64).max):
             raise InvalidInput(f"labels {name} must be non-negative", code="invalid_labels")
         out = arr.astype(np.int64)
     elif arr.dtype.kind == "f":
         if arr.ndim not in (1, 2):
-            raise InvalidInput(f"targets {name} must have shape (n,) or (n, k), got {list(arr.shape)}", code="invalid_shape")
+            raise InvalidInput(
+                f"targets {name} must have shape (n,) or (n, k), got {list(arr.shape)}", code="invalid_shape"
+            )
         out = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(out).all():
             raise InvalidInput(f"{name} holds NaN or infinite values", code="non_finite")

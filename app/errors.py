@@ -104,6 +104,13 @@ class ServiceUnavailable(ServiceError):
     code = "unavailable"
 
 
+class InternalError(ServiceError):
+    """A fault of the service itself (e.g. an unreadable stored artifact)."""
+
+    status = 500
+    code = "internal_error"
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised while streaming a request body past its limit; mapped to 413 like :class:`PayloadTooLarge`."""
 
@@ -126,7 +133,7 @@ _HTTP_CODES = {
 }
 
 # ModelImportError codes that are not plain "unusable content" (422).
-_IMPORT_STATUS = {"too_large": 413, "file_too_large": 413, "unsupported_format": 415, "unsupported_extension": 415}
+_IMPORT_STATUS = {"too_large": 413, "unknown_format": 415}
 
 
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:

@@ -157,8 +157,19 @@ class JobStore:
         now = time.time()
         previous = self._transition(
             keys=[key],
-            args=["queued,running", "status", "running", "progress", "0", "message", "started", "updated_at", now,
-                  "started_at", now],
+            args=[
+                "queued,running",
+                "status",
+                "running",
+                "progress",
+                "0",
+                "message",
+                "started",
+                "updated_at",
+                now,
+                "started_at",
+                now,
+            ],
         )
         if not previous:
             return None
@@ -183,8 +194,21 @@ class JobStore:
         return bool(
             self._transition(
                 keys=[self.key(job_id)],
-                args=["running", "status", "succeeded", "progress", "1", "message", message, "result",
-                      json.dumps(result), "updated_at", now, "finished_at", now],
+                args=[
+                    "running",
+                    "status",
+                    "succeeded",
+                    "progress",
+                    "1",
+                    "message",
+                    message,
+                    "result",
+                    json.dumps(result),
+                    "updated_at",
+                    now,
+                    "finished_at",
+                    now,
+                ],
             )
         )
 
@@ -192,8 +216,16 @@ class JobStore:
         """Records an error; ``final=False`` keeps the job queued for a retry."""
         now = time.time()
         status = "failed" if final else "queued"
-        fields = ["status", status, "message", str(error.get("message", ""))[:500], "error", json.dumps(error),
-                  "updated_at", now]
+        fields = [
+            "status",
+            status,
+            "message",
+            str(error.get("message", ""))[:500],
+            "error",
+            json.dumps(error),
+            "updated_at",
+            now,
+        ]
         if final:
             fields += ["finished_at", now]
         return bool(self._transition(keys=[self.key(job_id)], args=["queued,running", *fields]))
@@ -204,10 +236,28 @@ class JobStore:
         return bool(
             self._transition(
                 keys=[self.key(job_id)],
-                args=["queued,running", "status", "cancelled", "message", "cancelled", "updated_at", now,
-                      "finished_at", now],
+                args=[
+                    "queued,running",
+                    "status",
+                    "cancelled",
+                    "message",
+                    "cancelled",
+                    "updated_at",
+                    now,
+                    "finished_at",
+                    now,
+                ],
             )
         )
+
+    def link_fit(self, fit_id: str, job_id: str) -> None:
+        """Remembers which job produces ``fit_id``."""
+        self.client.set(f"{self.namespace}:fit-job:{fit_id}", job_id, ex=self.ttl_s)
+
+    def job_for_fit(self, fit_id: str) -> JobRecord | None:
+        """The job producing ``fit_id``, if still recorded."""
+        job_id = self.client.get(f"{self.namespace}:fit-job:{fit_id}")
+        return self.get(_text(job_id)) if job_id is not None else None
 
     def status(self, job_id: str) -> JobStatus | None:
         """Current status, or ``None`` when the record is gone."""

@@ -1,8 +1,9 @@
 """Service configuration: one pydantic-settings class, environment prefix ``KRONLAP_``.
 
-Every process (API, worker, CLI) reads the same :class:`Settings`. The API obtains it through
-:func:`get_settings`, an ``lru_cache``-d dependency that tests override with ``app.dependency_overrides``
-or by passing a ``Settings`` instance to :func:`app.main.create_app`.
+Every process (API, worker, CLI) reads the same :class:`Settings` from :func:`get_settings`, an
+``lru_cache``-d provider. :func:`app.main.create_app` uses it unless given a ``Settings`` instance (what tests
+do); routes receive the app's settings through the ``SettingsDep`` dependency of :mod:`app.deps`, which
+tests may also replace through ``app.dependency_overrides``.
 
 Embedded mode is the laptop default: no ``KRONLAP_REDIS_URL`` means ``kronlap serve`` starts a private Redis
 and an in-process worker. Outside embedded mode the service refuses to start open (without API keys) or with
@@ -58,7 +59,9 @@ class Settings(BaseSettings):
         maintenance_chance: Out of a million broker commands, how many run queue maintenance (the sweep
             that re-delivers the messages of dead workers).
         worker_metrics_port: Port of the worker's Prometheus exporter; 0 disables it.
+        worker_heartbeat_file: File a worker touches on every heartbeat (for container health checks).
         device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``; used by workers only.
+        torch_threads: Intra-op threads of torch in this process (``None``: torch's default).
         example_tenant: Tenant owning the ``example`` model created by ``kronlap serve --example``.
     """
 
@@ -93,7 +96,9 @@ class Settings(BaseSettings):
     dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=1000)
     maintenance_chance: int = Field(default=20_000, ge=1, le=1_000_000)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_heartbeat_file: Path | None = None
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    torch_threads: int | None = Field(default=None, ge=1)
 
     example_tenant: str = "local"
 

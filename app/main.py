@@ -1,0 +1,82 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.limits import BodyLimitMiddleware
+from app.metrics import MetricsMiddleware, get_metrics
+from app.routes import datasets, fits, health, jobs, models, predict
+from app.services import Services
+from app.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
+
+
+def create_app(settings: Settings | None = None, *, redis_url: str | None = None) -> FastAPI:
+    """Builds the API.
+
+    Args:
+        settings: Settings to use (also served by the ``get_settings`` dependency); read from the
+            environment when omitted.
+        redis_url: Redis to use instead of ``settings.redis_url`` (the embedded Redis started by the CLI).
+            In embedded mode without it, the app starts its own private Redis and in-process worker.
+
+    Returns:
+        The application; its lifespan connects to Redis and the store.
+
+    Raises:
+        app.settings.InsecureSettingsError: Insecure configuration outside embedded mode.
+    """
+    settings = settings or get_settings()
+    settings.enforce_secure()
+    metrics = get_metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        runtime = None
+        url = redis_url or settings.redis_url
+        if url is None:
+            from workers.embedded import start_embedded
+
+            runtime = start_embedded(settings)
+            url = runtime.redis_url
+        services = Services.build(settings, url, metrics)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            services.close()
+            if runtime is not None:
+                runtime.stop()
+
+    app = FastAPI(
+        title="kronlap",
+        version="0.1.0",
+        summary="Post-hoc Kronecker-factored Laplace uncertainty for trained networks.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in (models.router, datasets.router, fits.router, predict.router, jobs.router, health.router):
+        app.include_router(router)
+
+    def limit_for(method: str, path: str) -> int:
+        if method == "POST" and path.rstrip("/") in UPLOAD_PATHS:
+            return settings.max_upload_bytes
+        return settings.max_request_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

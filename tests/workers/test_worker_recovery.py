@@ -1,0 +1,160 @@
+"""Workers: a SIGKILLed fit finishes on another worker, re-runs are idempotent, failures are recorded.
+
+Real worker processes (``python -m workers``) consume the real test Redis; the heartbeat timeout is 2 s so a
+dead worker's message is re-delivered quickly.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.catalog import Catalog
+from app.jobs import JobStatus
+from app.main import create_app
+from app.store import ArtifactStore
+from workers.jobs import FitParams, JobContext, PermanentJobError, run_fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _upload(client: httpx.Client, headers: dict, model: tuple[str, bytes], data: dict) -> tuple[str, str]:
+    r = client.post("/v1/models", files={"file": model}, headers=headers)
+    assert r.status_code == 201, r.text
+    d = client.post("/v1/datasets", files={"file": ("d.npz", _npz(**data))}, headers=headers)
+    assert d.status_code == 201, d.text
+    return r.json()["id"], d.json()["id"]
+
+
+def _wait(client: httpx.Client, headers: dict, job_id: str, until, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if until(job):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+
+
+def test_sigkilled_fit_completes_on_another_worker(
+    redis_db, data_dir: Path, make_settings, start_worker, trained_models, tenant_headers, run_server
+) -> None:
+    settings = make_settings(data_dir)
+    h = tenant_headers["a"]
+    m = trained_models
+    first = start_worker(settings).wait_ready()
+    with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        model_id, dataset_id = _upload(
+            client,
+            h,
+            ("mlp.onnx", m.mlp_onnx),
+            {
+                "x": m.x_train[:3000].numpy(),
+                "y": m.y_train[:3000].numpy(),
+                "x_val": m.x_val.numpy(),
+                "y_val": m.y_val.numpy(),
+            },
+        )
+        r = client.post(f"/v1/models/{model_id}/fits", json={"dataset": dataset_id, "samples": 50}, headers=h)
+        job_id, fit_id = r.json()["job"]["id"], r.json()["fit_id"]
+        running = _wait(client, h, job_id, lambda j: j["status"] != "queued" and j["progress"] >= 0.05)
+        assert running["status"] == "running", running
+        first.kill()
+        time.sleep(0.5)
+        stale = client.get(f"/v1/jobs/{job_id}", headers=h).json()
+        assert stale["status"] == "running" and stale["attempts"] == 1
+        assert client.get(f"/v1/fits/{fit_id}", headers=h).json()["status"] == "running"
+
+        start_worker(settings).wait_ready()
+        done = _wait(client, h, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        fit = client.get(f"/v1/fits/{fit_id}", headers=h).json()
+        assert fit["status"] == "succeeded"
+        r = client.post(f"/v1/models/{model_id}/predict", json={"inputs": m.x_test[:3].tolist()}, headers=h)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+        # A deterministic failure in the core is recorded once, not retried.
+        cnn_id, images_id = _upload(
+            client,
+            h,
+            ("cnn.pt2", m.cnn_pt2),
+            {"x": m.x_train[:64].reshape(-1, 1, 28, 28).numpy(), "y": m.y_train[:64].numpy()},
+        )
+        r = client.post(f"/v1/models/{cnn_id}/fits", json={"dataset": images_id, "curvature": "kfra"}, headers=h)
+        failed = _wait(client, h, r.json()["job"]["id"], lambda j: j["status"] in ("succeeded", "failed"))
+        assert failed["status"] == "failed" and failed["attempts"] == 1, failed
+        assert failed["error"]["code"] == "fit_failed" and "kfra" in failed["error"]["message"].lower()
+        fit = client.get(f"/v1/fits/{r.json()['fit_id']}", headers=h).json()
+        assert fit["status"] == "failed" and fit["error"]["code"] == "fit_failed"
+
+
+def test_redelivered_job_recomputes_and_overwrites_the_same_fit(
+    redis_db, data_dir: Path, make_settings, trained_models, tenant_headers, run_server
+) -> None:
+    settings = make_settings(data_dir)
+    m = trained_models
+    with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        model_id, dataset_id = _upload(
+            client,
+            tenant_headers["a"],
+            ("mlp.onnx", m.mlp_onnx),
+            {"x": m.x_train[:200].numpy(), "y": m.y_train[:200].numpy()},
+        )
+    ctx = JobContext.from_settings(settings)
+    params = FitParams(
+        job_id="job_redelivery",
+        fit_id="fit_redelivery",
+        tenant="tenant-a",
+        model_id=model_id,
+        dataset_id=dataset_id,
+        config={"curvature": "kfac", "tuning": "none", "likelihood": "classification", "samples": 5},
+    )
+    ctx.jobs.create("fit", "tenant-a", params.model_dump(), job_id=params.job_id)
+    first = run_fit(params, ctx)
+    catalog = Catalog(ArtifactStore(data_dir))
+    blobs = set(catalog.store.blobs())
+    # The worker died after writing but before acknowledging: the broker delivers the message again.
+    ctx.jobs.client.hset(ctx.jobs.key(params.job_id), "status", "running")
+    second = run_fit(params, ctx)
+    assert first is not None and second is not None
+    assert second.id == first.id and second.posterior_sha256 == first.posterior_sha256
+    assert [f.id for f in catalog.fits_of(model_id)] == ["fit_redelivery"]
+    assert set(catalog.store.blobs()) == blobs
+    job = ctx.jobs.get(params.job_id)
+    assert job.status is JobStatus.succeeded and job.attempts == 2
+    # A delivery after success is skipped.
+    assert run_fit(params, ctx) is None
+
+
+def test_missing_inputs_fail_permanently(redis_db, data_dir: Path, make_settings) -> None:
+    ctx = JobContext.from_settings(make_settings(data_dir))
+    params = FitParams(
+        job_id="job_missing", fit_id="fit_missing", tenant="t", model_id="mdl_gone", dataset_id="ds_gone", config={}
+    )
+    ctx.jobs.create("fit", "t", params.model_dump(), job_id=params.job_id)
+    with pytest.raises(PermanentJobError):
+        run_fit(params, ctx)
+    job = ctx.jobs.get(params.job_id)
+    assert job.status is JobStatus.failed and job.error["code"] == "not_found"
