@@ -40,6 +40,11 @@ def _validation_nll(post, summaries, y: Tensor) -> float:
     return nll_classification(summaries["probs"], y)
 
 
+def _on_posterior_device(post, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    mean = post.blocks[post.layers[0].name].mean
+    return x.to(device=mean.device, dtype=mean.dtype), y.to(mean.device)
+
+
 def tune_validation(
     post,
     x_val: Tensor,
@@ -56,10 +61,7 @@ def tune_validation(
     progress: Callable[[float, str], None] | None = None,
 ) -> TuningResult:
     """Set ``post``'s ``(N_eff, τ)`` to the validation-NLL minimiser and return the search record."""
-    device = post.blocks[post.layers[0].name].mean.device
-    dtype = post.blocks[post.layers[0].name].mean.dtype
-    x_val = x_val.to(device=device, dtype=dtype)
-    y_val = y_val.to(device)
+    x_val, y_val = _on_posterior_device(post, x_val, y_val)
     post.null_prior = None
     feats = glm_features(post, x_val) if predictive == "glm" else None
     n_data = post.n_data
@@ -194,10 +196,7 @@ def tune_null_prior(
     """
     if post.damping != "exact" or not any(bool(b.null_columns.any()) for b in post.blocks.values()):
         return None
-    device = post.blocks[post.layers[0].name].mean.device
-    dtype = post.blocks[post.layers[0].name].mean.dtype
-    x_val = x_val.to(device=device, dtype=dtype)
-    y_val = y_val.to(device)
+    x_val, y_val = _on_posterior_device(post, x_val, y_val)
     post.null_prior = None
     feats = glm_features(post, x_val) if predictive == "glm" else None
 

@@ -44,6 +44,7 @@ from .program import (
     MAX_ACTIVATION_ELEMENTS,
     ProgramBuilder,
     Translation,
+    check_logits,
     resolve_input_shape,
     resolve_reshape,
 )
@@ -248,15 +249,7 @@ class _OnnxTranslator:
             self._translate_node(node)
 
         builder = self.builder
-        if not builder.is_activation(logits_name):
-            raise ModelImportError("unsupported_graph", "the model output does not depend on its input")
-        out_shape = builder.shape(logits_name)
-        if len(out_shape) != 1:
-            raise ModelImportError(
-                "unsupported_graph",
-                f"the model output must have shape (batch, k); found (batch, {', '.join(map(str, out_shape))})",
-                {"output_shape": list(out_shape)},
-            )
+        check_logits(builder, logits_name)
         if activation_node is not None and activation != "sigmoid":
             axis = _attributes(activation_node).get("axis", -1 if self.opset >= 13 else 1)
             if axis not in (1, -1):

@@ -407,3 +407,20 @@ class ProgramBuilder:
             k += 1
         self._names.add(name)
         return name
+
+
+def check_logits(builder: ProgramBuilder, logits_name: str) -> None:
+    """The model output must depend on the input and have shape (batch, k).
+
+    Raises:
+        ModelImportError: ``unsupported_graph`` otherwise.
+    """
+    if not builder.is_activation(logits_name):
+        raise ModelImportError("unsupported_graph", "the model output does not depend on its input")
+    out_shape = builder.shape(logits_name)
+    if len(out_shape) != 1:
+        raise ModelImportError(
+            "unsupported_graph",
+            f"the model output must have shape (batch, k); found (batch, {', '.join(map(str, out_shape))})",
+            {"output_shape": list(out_shape)},
+        )
