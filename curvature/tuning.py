@@ -53,7 +53,7 @@ def tune_validation(
     samples: int = 32,
     seed: int = 0,
     log10_prior: tuple[float, float] = (-3.0, 5.0),
-    log10_n_ratio: tuple[float, float] = (-2.0, 2.0),
+    log10_n_ratio: tuple[float, float] | None = None,
     tune_n_eff: bool = True,
     per_layer: bool = False,
     refine_steps: int = 2,
@@ -85,7 +85,10 @@ def tune_validation(
 
     names = list(post.blocks)
     taus = np.linspace(*log10_prior, 9)
-    ratios = np.linspace(*log10_n_ratio, 5) if tune_n_eff else np.array([0.0])
+    if log10_n_ratio is None:  # the linearised predictive is cheap to score: search a wider range
+        log10_n_ratio = (-2.0, 6.0) if predictive == "glm" else (-2.0, 2.0)
+    n_ratios = int(round(abs(log10_n_ratio[1] - log10_n_ratio[0]))) + 1  # one point per decade
+    ratios = np.linspace(*log10_n_ratio, max(n_ratios, 2)) if tune_n_eff else np.array([0.0])
     total = len(taus) * len(ratios) + refine_steps * 9 + (len(names) * 5 * refine_steps if per_layer else 0)
     done = 0
 

@@ -233,7 +233,7 @@ def test_tune_validation_scores_every_candidate_afresh(predictive):
 def test_tune_validation_choice_does_not_depend_on_grid_order(predictive):
     post, x_val, y_val = classification_validation()
     kwargs = {"predictive": predictive, "samples": 8, "seed": 3, "refine_steps": 1}
-    forward = cv.tune_validation(post, x_val, y_val, **kwargs)
+    forward = cv.tune_validation(post, x_val, y_val, log10_n_ratio=(-2.0, 2.0), **kwargs)
     reverse = cv.tune_validation(
         classification_validation()[0], x_val, y_val, log10_prior=(5.0, -3.0), log10_n_ratio=(2.0, -2.0), **kwargs
     )
