@@ -25,6 +25,7 @@ from .common import (
     LayerFactors,
     Progress,
     count_examples,
+    gram,
     iterate_batches,
     model_device_dtype,
 )
@@ -166,10 +167,10 @@ def fit_kronecker_backward(
         t = a_rows.shape[1]
         a2 = a_rows.reshape(-1, a_rows.shape[-1])
         g2 = g_rows.reshape(-1, g_rows.shape[-1])
-        a = a2.T @ a2
+        a = gram(a2)
         if t != 1:
             a = a / t
-        g = g2.T @ g2
+        g = gram(g2)
         if layer.name in a_sum:
             a_sum[layer.name] += a
             g_sum[layer.name] += g

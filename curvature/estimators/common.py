@@ -97,3 +97,20 @@ def count_examples(data: Data) -> int | None:
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
+
+
+def gram(x: Tensor, block: int = 256) -> Tensor:
+    """``xᵀ x`` computing only the blocks on and above the diagonal (about half the work for wide ``x``)."""
+    d = x.shape[1]
+    if d <= 2 * block:
+        return x.T @ x
+    edges = list(range(0, d, block)) + [d]
+    out = x.new_empty(d, d)
+    for i in range(len(edges) - 1):
+        rows = slice(edges[i], edges[i + 1])
+        xi = x[:, rows]
+        # one product for the diagonal block and everything to its right
+        strip = xi.T @ x[:, edges[i] :]
+        out[rows, edges[i] :] = strip
+        out[edges[i + 1] :, rows] = strip[:, edges[i + 1] - edges[i] :].T
+    return out
