@@ -104,7 +104,7 @@ def serve(host: str, port: int, example: bool, settings: Settings | None = None,
     try:
         if example:
             _prepare_example(settings, redis_url or "")
-        app = create_app(settings, redis_url=redis_url)
+        app = create_app(settings, redis_url=redis_url, on_shutdown=runtime.stop if runtime is not None else None)
         if example:
             print("try:\n" + _curl_example(host, port, not settings.open_access), flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("debug", "info"))

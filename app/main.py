@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,7 +20,12 @@ logger = logging.getLogger(__name__)
 UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
 
 
-def create_app(settings: Settings | None = None, *, redis_url: str | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis_url: str | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+) -> FastAPI:
     """Builds the API.
 
     Args:
@@ -28,6 +33,8 @@ def create_app(settings: Settings | None = None, *, redis_url: str | None = None
             environment when omitted.
         redis_url: Redis to use instead of ``settings.redis_url`` (the embedded Redis started by the CLI).
             In embedded mode without it, the app starts its own private Redis and in-process worker.
+        on_shutdown: Called when the server shuts down (the CLI stops its embedded Redis there: the server
+            re-raises SIGTERM once it has shut down, so code after it would not run).
 
     Returns:
         The application; its lifespan connects to Redis and the store.
@@ -60,6 +67,8 @@ def create_app(settings: Settings | None = None, *, redis_url: str | None = None
             services.close()
             if runtime is not None:
                 runtime.stop()
+            if on_shutdown is not None:
+                on_shutdown()
 
     app = FastAPI(
         title="kronlap",

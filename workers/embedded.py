@@ -38,9 +38,13 @@ class EmbeddedRuntime:
     broker: RedisBroker
     worker: dramatiq.Worker
     server: object
+    stopped: bool = False
 
     def stop(self) -> None:
-        """Stops the worker (after its running job) and the private Redis."""
+        """Stops the worker (after its running job) and the private Redis; later calls do nothing."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             self.worker.stop(timeout=10_000)
             self.broker.close()
