@@ -27,6 +27,24 @@ EXAMPLE_DATASET_ID = "example-mnist5k"
 CLASS_NAMES = [str(d) for d in range(10)]
 
 
+def train_classifier(net, x, y, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 64):
+    """Adam on softmax cross-entropy, seeded shuffles; returns ``net`` in eval mode."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            optimiser.step()
+    return net.eval()
+
+
 def train_example_onnx(epochs: int = 4, hidden: int = 256, seed: int = 0) -> bytes:
     """Trains a 784-``hidden``-10 MLP on MNIST-5k's training split and exports it to ONNX bytes."""
     import torch
@@ -37,17 +55,9 @@ def train_example_onnx(epochs: int = 4, hidden: int = 256, seed: int = 0) -> byt
     torch.manual_seed(seed)
     splits = mnist5k(seed=seed, flat=True)
     x, y = splits.train.x, splits.train.y
-    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    optimiser = torch.optim.Adam(net.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 64):
-            idx = order[start : start + 64]
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            optimiser.step()
-    net.eval()
+    net = train_classifier(
+        nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10)), x, y, epochs, seed
+    )
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -253,17 +253,9 @@ class TrainedModels:
 
 
 def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 64):
-            idx = order[start : start + 64]
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            optimiser.step()
-    return net.eval()
+    from app.example import train_classifier
+
+    return train_classifier(net, x, y, epochs, seed, lr=3e-3)
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor) -> bytes:
