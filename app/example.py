@@ -58,12 +58,19 @@ def train_example_onnx(epochs: int = 4, hidden: int = 256, seed: int = 0) -> byt
     net = train_classifier(
         nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10)), x, y, epochs, seed
     )
+    return export_onnx(net, torch.zeros(1, x.shape[1]))
+
+
+def export_onnx(net, example) -> bytes:
+    """``torch.onnx.export`` of ``net`` (input ``x``, output ``logits``) with a dynamic batch dimension."""
+    import torch
+
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             net,
-            (torch.zeros(1, x.shape[1]),),
+            (example,),
             buf,
             input_names=["x"],
             output_names=["logits"],

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,19 +259,9 @@ def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: 
 
 def export_onnx(net: nn.Module, example: torch.Tensor) -> bytes:
     """``torch.onnx.export`` of ``net`` with a dynamic batch dimension."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net,
-            (example,),
-            buf,
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return buf.getvalue()
+    from app.example import export_onnx as export
+
+    return export(net, example)
 
 
 def export_pt2(net: nn.Module, example: torch.Tensor) -> bytes:
