@@ -61,17 +61,6 @@ class LayerHandler(ABC):
         n_in = module.weight[0].numel() + (1 if module.bias is not None else 0)
         return out, n_in
 
-    @abstractmethod
-    def batched_forward(self, module: nn.Module, inputs: Tensor, matrices: Tensor) -> Tensor:
-        """Apply the layer with K weight matrices at once.
-
-        Args:
-            inputs: (K, n, ...) inputs, one stack per weight sample.
-            matrices: (K, out, in+1) weight matrices ``Ŵ``.
-        Returns:
-            (K, n, ...) outputs.
-        """
-
 
 def append_ones(rows: Tensor) -> Tensor:
     """Append a constant 1 to the last dimension: ``a → [a; 1]``."""

@@ -40,24 +40,6 @@ class Conv2dHandler(LayerHandler):
         k, n, out = output_vectors.shape[:3]
         return output_vectors.reshape(k, n, out, -1).transpose(2, 3)
 
-    def batched_forward(self, module: nn.Module, inputs: Tensor, matrices: Tensor) -> Tensor:
-        # Grouped convolution with one group per weight sample: (K, n, C, H, W) -> (K, n, out, Ho, Wo).
-        self.check(module)
-        k, n = inputs.shape[:2]
-        c, h, w = inputs.shape[2:]
-        weight, bias = self.split_matrix(module, matrices)  # (K, out, C, kh, kw), (K, out)
-        x = inputs.transpose(0, 1).reshape(n, k * c, h, w)
-        out = F.conv2d(
-            x,
-            weight.reshape(-1, *weight.shape[2:]),
-            None if bias is None else bias.reshape(-1),
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=k,
-        )
-        return out.reshape(n, k, -1, *out.shape[2:]).transpose(0, 1)
-
 
 def unfold_reference(module: nn.Conv2d, inputs: Tensor) -> Tensor:
     """Patches by explicit loops over output locations (slow; for tests and documentation)."""

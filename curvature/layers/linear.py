@@ -23,12 +23,3 @@ class LinearHandler(LayerHandler):
         # (K, n, ..., out) -> (K, n, T, out)
         k, n = output_vectors.shape[:2]
         return output_vectors.reshape(k, n, -1, output_vectors.shape[-1])
-
-    def batched_forward(self, module: nn.Module, inputs: Tensor, matrices: Tensor) -> Tensor:
-        # inputs (K, n, ..., in), matrices (K, out, in+1); k sample, o out, i in
-        k = inputs.shape[0]
-        flat = inputs.reshape(k, -1, module.in_features)
-        out = flat @ matrices[..., : module.in_features].transpose(-1, -2)
-        if module.bias is not None:
-            out = out + matrices[:, None, :, module.in_features]
-        return out.reshape(*inputs.shape[:-1], -1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import curvature as cv
 from curvature.layers import Conv2dHandler, LinearHandler, registry, unfold_reference
@@ -94,21 +93,6 @@ def test_conv_unsupported_configurations_raise(kwargs, match):
         cv.fit_kronecker(model, (x, torch.zeros(2, dtype=torch.long)), cv.CrossEntropy(), method="kflr")
 
 
-@pytest.mark.parametrize("cfg", CONV_CONFIGS)
-def test_conv_batched_forward_equals_per_sample_forward(cfg):
-    conv, x = _conv(cfg), _input(cfg, n=2)
-    handler = Conv2dHandler()
-    k = 3
-    gen = torch.Generator().manual_seed(5)
-    mats = torch.randn(k, *handler.matrix_shape(conv), generator=gen, dtype=DTYPE)
-    xs = torch.randn(k, *x.shape, generator=gen, dtype=DTYPE)
-    out = handler.batched_forward(conv, xs, mats)
-    for i in range(k):
-        w, b = handler.split_matrix(conv, mats[i])
-        params = {"weight": w} | ({"bias": b} if b is not None else {})
-        assert_close_report(out[i], functional_call(conv, params, (xs[i],)), rtol=1e-12, name=f"sample {i}")
-
-
 # ---------------------------------------------------------------------------- Linear
 
 
@@ -127,20 +111,6 @@ def test_linear_rows_with_extra_dimensions(bias):
     vec = torch.randn(3, 2, 5, 3, dtype=DTYPE)
     assert torch.equal(handler.output_rows(lin, vec), vec)
     assert torch.equal(handler.output_rows(lin, vec[:, :, 0]), vec[:, :, :1])
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_batched_forward_equals_per_sample_forward(bias):
-    lin = nn.Linear(4, 3, bias=bias).to(DTYPE)
-    handler = LinearHandler()
-    mats = torch.randn(3, *handler.matrix_shape(lin), dtype=DTYPE)
-    xs = torch.randn(3, 2, 5, 4, dtype=DTYPE)
-    out = handler.batched_forward(lin, xs, mats)
-    assert out.shape == (3, 2, 5, 3)
-    for i in range(3):
-        w, b = handler.split_matrix(lin, mats[i])
-        params = {"weight": w} | ({"bias": b} if b is not None else {})
-        assert_close_report(out[i], functional_call(lin, params, (xs[i],)), rtol=1e-12, name=f"sample {i}")
 
 
 # ---------------------------------------------------------------------------- Ŵ layout
