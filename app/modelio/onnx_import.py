@@ -44,7 +44,7 @@ from .program import (
     MAX_ACTIVATION_ELEMENTS,
     ProgramBuilder,
     Translation,
-    check_logits,
+    finish_translation,
     resolve_input_shape,
     resolve_reshape,
 )
@@ -248,20 +248,17 @@ class _OnnxTranslator:
         for node in nodes:
             self._translate_node(node)
 
-        builder = self.builder
-        check_logits(builder, logits_name)
         if activation_node is not None and activation != "sigmoid":
             axis = _attributes(activation_node).get("axis", -1 if self.opset >= 13 else 1)
             if axis not in (1, -1):
                 raise _fail_op(activation_node, f"final {activation_node.op_type} must act on the class axis")
-        module = builder.build(logits_name)
-        return Translation(
-            module=module,
-            input_shape=shape,
-            output_activation=activation,
-            probe_batch=self.static_batch or 2,
-            largest_activation=builder.largest_activation,
-            reference=self._reference(graph_input.name, output_name, input_dtype),
+        return finish_translation(
+            self.builder,
+            logits_name,
+            shape,
+            activation,
+            self.static_batch or 2,
+            self._reference(graph_input.name, output_name, input_dtype),
         )
 
     def _check_ops(self) -> None:

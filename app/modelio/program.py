@@ -409,8 +409,15 @@ class ProgramBuilder:
         return name
 
 
-def check_logits(builder: ProgramBuilder, logits_name: str) -> None:
-    """The model output must depend on the input and have shape (batch, k).
+def finish_translation(
+    builder: ProgramBuilder,
+    logits_name: str,
+    input_shape: tuple[int, ...],
+    activation: str | None,
+    probe_batch: int,
+    reference: Callable[[Tensor], Tensor],
+) -> Translation:
+    """Checks that the output depends on the input with shape (batch, k), then builds the module.
 
     Raises:
         ModelImportError: ``unsupported_graph`` otherwise.
@@ -424,3 +431,11 @@ def check_logits(builder: ProgramBuilder, logits_name: str) -> None:
             f"the model output must have shape (batch, k); found (batch, {', '.join(map(str, out_shape))})",
             {"output_shape": list(out_shape)},
         )
+    return Translation(
+        module=builder.build(logits_name),
+        input_shape=input_shape,
+        output_activation=activation,
+        probe_batch=probe_batch,
+        largest_activation=builder.largest_activation,
+        reference=reference,
+    )

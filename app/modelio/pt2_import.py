@@ -38,7 +38,7 @@ from .program import (
     MAX_ACTIVATION_ELEMENTS,
     ProgramBuilder,
     Translation,
-    check_logits,
+    finish_translation,
     resolve_input_shape,
     resolve_reshape,
 )
@@ -297,20 +297,17 @@ class _Pt2Translator:
         for node in nodes:
             if node is not skipped:
                 self._translate_node(node)
-        builder = self.builder
-        check_logits(builder, logits_name)
         if skipped is not None and activation != "sigmoid":
             dim = self._bind(skipped)["dim"]
             if dim not in (1, -1):
                 raise _fail_op(skipped, "the final softmax must act on the class dimension")
-        module = builder.build(logits_name)
-        return Translation(
-            module=module,
-            input_shape=shape,
-            output_activation=activation,
-            probe_batch=self.static_batch or 2,
-            largest_activation=builder.largest_activation,
-            reference=self._reference(nodes, input_name, output_name, input_dtype),
+        return finish_translation(
+            self.builder,
+            logits_name,
+            shape,
+            activation,
+            self.static_batch or 2,
+            self._reference(nodes, input_name, output_name, input_dtype),
         )
 
     # -- signature ----------------------------------------------------------------------------------
