@@ -47,6 +47,7 @@ from .program import (
     finish_translation,
     resolve_input_shape,
     resolve_reshape,
+    split_batch_dim,
 )
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -284,17 +285,11 @@ class _OnnxTranslator:
                 "the model input must be a float32 or float64 tensor",
                 {"input": graph_input.name, "elem_type": int(ttype.elem_type)},
             )
-        dims: list[int | None] | None = None
+        per_example: list[int | None] | None = None
         if ttype.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
-            if len(dims) < 2:
-                raise ModelImportError(
-                    "unsupported_graph",
-                    "the model input must have a batch dimension and at least one feature dimension",
-                    {"input_rank": len(dims)},
-                )
-            self.static_batch = dims[0]
-        shape = resolve_input_shape(dims[1:] if dims is not None else None, self.caller_shape)
+            self.static_batch, per_example = split_batch_dim(dims)
+        shape = resolve_input_shape(per_example, self.caller_shape)
         return _FLOAT_INPUTS[ttype.elem_type], shape
 
     def _reference(self, input_name: str, output_name: str, dtype: type) -> Callable[[Tensor], Tensor]:

@@ -161,6 +161,21 @@ def resolve_input_shape(graph_dims: Sequence[int | None] | None, caller: tuple[i
     return _bounded(tuple(int(d) for d in graph_dims))  # type: ignore[arg-type]
 
 
+def split_batch_dim(dims: Sequence[int | None]) -> tuple[int | None, list[int | None]]:
+    """Splits a graph input's dims into its fixed batch size (``None`` if dynamic) and per-example dims.
+
+    Raises:
+        ModelImportError: ``unsupported_graph`` if there is no feature dimension besides the batch.
+    """
+    if len(dims) < 2:
+        raise ModelImportError(
+            "unsupported_graph",
+            "the model input must have a batch dimension and at least one feature dimension",
+            {"input_rank": len(dims)},
+        )
+    return dims[0], list(dims[1:])
+
+
 def _bounded(shape: tuple[int, ...]) -> tuple[int, ...]:
     if math.prod(shape) > MAX_ACTIVATION_ELEMENTS:
         raise ModelImportError(

@@ -41,6 +41,7 @@ from .program import (
     finish_translation,
     resolve_input_shape,
     resolve_reshape,
+    split_batch_dim,
 )
 from .pt2_archive import SCALAR_TYPES, Pt2Archive, invalid, read_pt2, sym_int
 
@@ -368,15 +369,8 @@ class _Pt2Translator:
         dtype = SCALAR_TYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
         if dtype not in _FLOAT_INPUTS:
             raise ModelImportError("unsupported_graph", "the model input must be a float32 or float64 tensor")
-        dims = [sym_int(s) for s in meta["sizes"]]
-        if len(dims) < 2:
-            raise ModelImportError(
-                "unsupported_graph",
-                "the model input must have a batch dimension and at least one feature dimension",
-                {"input_rank": len(dims)},
-            )
-        self.static_batch = dims[0]
-        return dtype, resolve_input_shape(dims[1:], self.caller_shape)
+        self.static_batch, per_example = split_batch_dim([sym_int(s) for s in meta["sizes"]])
+        return dtype, resolve_input_shape(per_example, self.caller_shape)
 
     # -- values -------------------------------------------------------------------------------------
 
