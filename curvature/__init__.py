@@ -27,12 +27,21 @@ from .layers import Layer, find_layers, register_handler
 from .likelihoods import Bernoulli, BinaryMixture, CrossEntropy, Gaussian, Likelihood, likelihood_from_name
 from .metrics import accuracy, auroc, ece, nll_classification, nll_gaussian
 from .ood import calibrate_ood
+from .options import DEFAULT_CURVATURE, Curvature, Damping, OodScore, Predictive, Subset, Task, Tuning
 from .posterior import LaplacePosterior
 from .predictive import predict
 from .tuning import TuningResult, tune_marglik, tune_null_prior, tune_validation
 
 __all__ = [
     "CURVATURES",
+    "DEFAULT_CURVATURE",
+    "Curvature",
+    "Damping",
+    "OodScore",
+    "Predictive",
+    "Subset",
+    "Task",
+    "Tuning",
     "LaplaceConfig",
     "LaplacePosterior",
     "TuningResult",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from enum import StrEnum
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,28 +14,29 @@ from .estimators import fit_diagonal, fit_kronecker
 from .layers import find_layers
 from .likelihoods import CrossEntropy, Gaussian
 from .ood import calibrate_ood
+from .options import DEFAULT_CURVATURE, Curvature, Damping, OodScore, Predictive, Subset, Task, Tuning
 from .posterior import LaplacePosterior, estimate_sigma
 from .tuning import tune_marglik, tune_null_prior, tune_validation
 
-CURVATURES = ("kfac", "kflr", "kfra", "rp", "diag")
+CURVATURES = tuple(Curvature)
 
 
 @dataclass
 class LaplaceConfig:
     """Everything that shapes a fit (JSON-able)."""
 
-    curvature: str = "kflr"
-    damping: str = "exact"
-    tuning: str = "validation"
-    subset: str = "all"
-    likelihood: str = "classification"
+    curvature: Curvature = DEFAULT_CURVATURE
+    damping: Damping = Damping.exact
+    tuning: Tuning = Tuning.validation
+    subset: Subset = Subset.all
+    likelihood: Task = Task.classification
     mc_samples: int = 1
     batch_size: int = 512
     prior_precision: float = 1.0
     n_eff: float | None = None
-    ood_score: str = "entropy"
+    ood_score: OodScore = OodScore.entropy
     ood_quantile: float = 0.95
-    predictive: str = "mc"
+    predictive: Predictive = Predictive.mc
     samples: int = 100
     seed: int = 0
     tune_per_layer: bool = False
@@ -42,18 +44,22 @@ class LaplaceConfig:
     sigma: float | None = None
 
     def __post_init__(self) -> None:
-        checks = {
-            "curvature": CURVATURES,
-            "damping": ("exact", "factored"),
-            "tuning": ("validation", "marglik", "none"),
-            "subset": ("all", "last_layer"),
-            "likelihood": ("classification", "regression"),
-            "predictive": ("mc", "glm"),
-            "ood_score": ("entropy", "mutual_information", "max_prob"),
+        options = {
+            "curvature": Curvature,
+            "damping": Damping,
+            "tuning": Tuning,
+            "subset": Subset,
+            "likelihood": Task,
+            "predictive": Predictive,
+            "ood_score": OodScore,
         }
-        for key, allowed in checks.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}.")
+        for key, enum in options.items():
+            value = getattr(self, key)
+            try:
+                setattr(self, key, enum(value))
+            except ValueError:
+                allowed = tuple(m.value for m in enum)
+                raise ValueError(f"{key} must be one of {allowed}, got {value!r}.") from None
         if not 0 < self.ood_quantile < 1:
             raise ValueError("ood_quantile must be in (0, 1).")
         if self.samples < 1 or self.mc_samples < 1 or self.batch_size < 1:
@@ -64,7 +70,8 @@ class LaplaceConfig:
             raise ValueError("max_prob is defined for classification only.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The configuration as plain JSON values (enum members become their strings)."""
+        return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def _train_nll(model: nn.Module, likelihood, x: Tensor, y: Tensor, batch_size: int) -> float:

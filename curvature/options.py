@@ -1,0 +1,82 @@
+"""Option names, each defined once.
+
+Every choice a user can make by name (in :class:`~curvature.laplace.LaplaceConfig`, in the service's request
+schemas, on the worker, on the command line) is a member of one of these enums. They are ``StrEnum``s, so a
+member compares equal to its string value and serialises to it: ``Curvature.kfac == "kfac"``.
+
+The service imports these enums for its pydantic schemas (so the OpenAPI document lists the allowed values)
+and the CLI for its ``choices``; nothing else spells the values out.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Curvature(StrEnum):
+    """How the Gauss-Newton blocks of the posterior precision are approximated.
+
+    ``kfac``: Kronecker factors with ``G`` from sampled targets (thesis eq. 4.9); ``kflr``: Kronecker factors
+    with ``G`` from the exact low-rank output Hessian (§4.3.1); ``kfra``: recursive approximation (§4.3.2),
+    chains of Linear layers only; ``rp``: ``G`` from random projections of the output Hessian; ``diag``: the
+    exact diagonal of the Gauss-Newton matrix.
+    """
+
+    kfac = "kfac"
+    kflr = "kflr"
+    kfra = "kfra"
+    rp = "rp"
+    diag = "diag"
+
+
+KRONECKER_CURVATURES = (Curvature.kfac, Curvature.kflr, Curvature.kfra, Curvature.rp)
+
+DEFAULT_CURVATURE = Curvature.kfac
+"""The curvature used when none is named: by the library, the API and the CLI alike."""
+
+
+class Damping(StrEnum):
+    """How ``τ I`` is added to a Kronecker block: ``exact`` eigen-damping or ``factored`` (thesis eq. 5.14)."""
+
+    exact = "exact"
+    factored = "factored"
+
+
+class Tuning(StrEnum):
+    """How ``(N_eff, τ)`` are chosen: validation NLL, the Laplace marginal likelihood, or not at all."""
+
+    validation = "validation"
+    marglik = "marglik"
+    none = "none"
+
+
+class Subset(StrEnum):
+    """Which layers the posterior covers."""
+
+    all = "all"
+    last_layer = "last_layer"
+
+
+class Task(StrEnum):
+    """What a network predicts: class logits (softmax cross-entropy) or real values (Gaussian)."""
+
+    classification = "classification"
+    regression = "regression"
+
+
+class Predictive(StrEnum):
+    """``mc``: Monte Carlo over weight samples; ``glm``: the linearised network with its logit covariance."""
+
+    mc = "mc"
+    glm = "glm"
+
+
+class OodScore(StrEnum):
+    """The uncertainty that flags out-of-distribution inputs."""
+
+    entropy = "entropy"
+    mutual_information = "mutual_information"
+    max_prob = "max_prob"
+
+
+REGRESSION_OOD_SCORES = (OodScore.entropy, OodScore.mutual_information)
