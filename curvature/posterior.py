@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .estimators import DiagonalFactors, KroneckerFactors
-from .kron import sym_eigh, trace_norm_omega
+from .kron import KronEigen, trace_norm_omega
 from .layers import Layer, find_layers
 from .likelihoods import Gaussian, Likelihood, likelihood_from_name
 
@@ -31,22 +30,28 @@ FORMAT_VERSION = 1
 DAMPING_MODES = ("exact", "factored")
 
 
-@dataclass
 class LayerPosterior:
-    """One layer's posterior in eigenbasis form (see module docstring)."""
+    """One layer's posterior in eigenbasis form (see module docstring): :class:`KronBlock` or :class:`DiagBlock`.
 
+    Attributes:
+        name: the layer's name in the model.
+        mean: ``Ŵ*``, (out, in+1).
+        kind: ``"kron"`` or ``"diag"``.
+    """
+
+    kind: str = ""
     name: str
-    mean: Tensor  # Ŵ*, (out, in+1)
-    U_G: Tensor | None  # (out, out) or None for the identity
-    U_A: Tensor | None  # (in+1, in+1) or None for the identity
-    s_G: Tensor | None  # eigenvalues of G (Kronecker) ...
-    s_A: Tensor | None
-    diag: Tensor | None  # ... or the diagonal curvature (out, in+1)
+    mean: Tensor
     omega: float = 1.0
+    # Kronecker pieces (None for a diagonal block) and the diagonal curvature (None for a Kronecker block).
+    U_G: Tensor | None = None
+    U_A: Tensor | None = None
+    s_G: Tensor | None = None
+    s_A: Tensor | None = None
+    diag: Tensor | None = None
 
-    @property
-    def kind(self) -> str:
-        return "diag" if self.diag is not None else "kron"
+    def _column_curvature(self) -> Tensor:
+        raise NotImplementedError
 
     @property
     def null_columns(self) -> Tensor:
@@ -55,10 +60,7 @@ class LayerPosterior:
         Kronecker: eigenvectors of ``A`` with eigenvalue ≤ 1e-6 of the largest (e.g. pixels that are never lit,
         hidden units that never fire); diagonal: inputs whose curvature column is ≤ 1e-6 of the largest entry.
         """
-        if self.diag is not None:
-            col = self.diag.amax(0)
-        else:
-            col = self.s_A
+        col = self._column_curvature()
         return col <= 1e-6 * col.max().clamp_min(torch.finfo(col.dtype).tiny)
 
     def prior_matrix(self, prior_precision: float, null_prior: float | None = None) -> float | Tensor:
@@ -71,24 +73,88 @@ class LayerPosterior:
 
     def eigenvalues(self, n_eff: float, prior_precision: float | Tensor, damping: str) -> Tensor:
         """The (out, in+1) matrix ``Λ`` of precision eigenvalues."""
-        if self.diag is not None:
-            return n_eff * self.diag + prior_precision
-        if damping == "exact":
-            return n_eff * torch.outer(self.s_G, self.s_A) + prior_precision
-        if isinstance(prior_precision, Tensor) and prior_precision.numel() > 1:
-            raise ValueError("Factored damping needs a scalar prior precision per layer.")
-        rn, rt = math.sqrt(n_eff), torch.as_tensor(prior_precision, dtype=self.mean.dtype).sqrt()
-        return torch.outer(rn * self.s_G + self.omega * rt, rn * self.s_A + rt / self.omega)
+        raise NotImplementedError
 
     def to_eigenbasis(self, V: Tensor) -> Tensor:
-        if self.U_G is None:
-            return V
-        return self.U_G.transpose(-1, -2) @ V @ self.U_A
+        """``V`` (..., out, in+1) in the precision's eigenbasis."""
+        raise NotImplementedError
 
     def from_eigenbasis(self, V: Tensor) -> Tensor:
-        if self.U_G is None:
-            return V
-        return self.U_G @ V @ self.U_A.transpose(-1, -2)
+        raise NotImplementedError
+
+    def rotate_inputs(self, a: Tensor) -> Tensor:
+        """Rows ``â`` (..., in+1) expressed in the input-side eigenbasis: ``â U_A``."""
+        return a
+
+    def rotate_outputs(self, g: Tensor) -> Tensor:
+        """Rows ``g`` (..., out) expressed in the output-side eigenbasis: ``g U_G``."""
+        return g
+
+    def tensors(self) -> dict[str, Tensor]:
+        """What :meth:`LaplacePosterior.to_bytes` stores for the block (besides the mean)."""
+        raise NotImplementedError
+
+
+class KronBlock(LayerPosterior):
+    """A layer with Kronecker curvature ``G ⊗ A``, held as a :class:`~curvature.kron.KronEigen`."""
+
+    kind = "kron"
+
+    def __init__(self, name: str, mean: Tensor, eigen: KronEigen, omega: float = 1.0) -> None:
+        self.name, self.mean, self.eigen, self.omega = name, mean, eigen, float(omega)
+
+    U_G = property(lambda self: self.eigen.U_G)  # type: ignore[assignment]
+    U_A = property(lambda self: self.eigen.U_A)  # type: ignore[assignment]
+    s_G = property(lambda self: self.eigen.s_G)  # type: ignore[assignment]
+    s_A = property(lambda self: self.eigen.s_A)  # type: ignore[assignment]
+
+    def _column_curvature(self) -> Tensor:
+        return self.eigen.s_A
+
+    def eigenvalues(self, n_eff: float, prior_precision: float | Tensor, damping: str) -> Tensor:
+        if damping == "exact":
+            return self.eigen.eigenvalues(n_eff, prior_precision)
+        return self.eigen.factored(n_eff, prior_precision, self.omega).eigenvalues()
+
+    def to_eigenbasis(self, V: Tensor) -> Tensor:
+        return self.eigen.to_eigenbasis(V)
+
+    def from_eigenbasis(self, V: Tensor) -> Tensor:
+        return self.eigen.from_eigenbasis(V)
+
+    def rotate_inputs(self, a: Tensor) -> Tensor:
+        return a @ self.eigen.U_A
+
+    def rotate_outputs(self, g: Tensor) -> Tensor:
+        return g @ self.eigen.U_G
+
+    def tensors(self) -> dict[str, Tensor]:
+        e = self.eigen
+        return {"U_G": e.U_G, "U_A": e.U_A, "s_G": e.s_G, "s_A": e.s_A}
+
+
+class DiagBlock(LayerPosterior):
+    """A layer with diagonal curvature (thesis eq. 5.11): the eigenbasis is the identity, ``Λ = n D + τ``."""
+
+    kind = "diag"
+
+    def __init__(self, name: str, mean: Tensor, diag: Tensor) -> None:
+        self.name, self.mean, self.diag, self.omega = name, mean, diag, 1.0
+
+    def _column_curvature(self) -> Tensor:
+        return self.diag.amax(0)
+
+    def eigenvalues(self, n_eff: float, prior_precision: float | Tensor, damping: str) -> Tensor:
+        return n_eff * self.diag + prior_precision
+
+    def to_eigenbasis(self, V: Tensor) -> Tensor:
+        return V
+
+    def from_eigenbasis(self, V: Tensor) -> Tensor:
+        return V
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"diag": self.diag}
 
 
 class LaplacePosterior:
@@ -102,6 +168,7 @@ class LaplacePosterior:
         prior_precision: ``τ``, a scalar or a mapping from layer name to scalar.
         damping: ``"exact"`` (eigen-damping) or ``"factored"`` (thesis eq. 5.14).
         omega: ``1.0`` (eq. 5.14) or ``"trace"`` for the trace-norm choice of eq. 4.27 (factored damping only).
+        eigh_dtype: precision of the factors' eigendecompositions (``None``: the factors' own dtype).
     """
 
     def __init__(
@@ -113,6 +180,7 @@ class LaplacePosterior:
         prior_precision: float | dict[str, float] = 1.0,
         damping: str = "exact",
         omega: float | str = 1.0,
+        eigh_dtype: torch.dtype | None = torch.float64,
     ) -> None:
         if damping not in DAMPING_MODES:
             raise ValueError(f"damping must be one of {DAMPING_MODES}, got {damping!r}.")
@@ -126,16 +194,11 @@ class LaplacePosterior:
         for layer in self.layers:
             mean = layer.handler.weight_matrix(layer.module).detach().clone()
             if isinstance(factors, DiagonalFactors):
-                block = LayerPosterior(layer.name, mean, None, None, None, None, factors[layer.name].clone())
+                block: LayerPosterior = DiagBlock(layer.name, mean, factors[layer.name].clone())
             else:
                 f = factors[layer.name]
-                s_g, u_g = sym_eigh(f.G)
-                s_a, u_a = sym_eigh(f.A)
                 w = trace_norm_omega(f.G, f.A) if omega == "trace" else float(omega)
-                # eigh returns column-major eigenvectors; a loaded posterior has row-major ones. Matmuls round
-                # differently on the two layouts, so store one layout to keep save → load bit-exact.
-                u_g, u_a = u_g.contiguous(), u_a.contiguous()
-                block = LayerPosterior(layer.name, mean, u_g, u_a, s_g, s_a, None, w)
+                block = KronBlock(layer.name, mean, KronEigen.from_factors(f.G, f.A, eigh_dtype), w)
             self.blocks[layer.name] = block
         self.n_eff = float(self.n_data if n_eff is None else n_eff)
         self.prior_precision = prior_precision
@@ -222,6 +285,20 @@ class LaplacePosterior:
             z = torch.randn(k, *lam.shape, dtype=lam.dtype, device=lam.device, generator=generator)
             out[name] = block.mean + block.from_eigenbasis(z / lam.sqrt())
         return out
+
+    def cached_samples(self, k: int, seed: int, max_bytes: int) -> dict[str, Tensor]:
+        """The ``k`` weight samples drawn with ``seed``, kept (the most recent set only) when under ``max_bytes``.
+
+        Changing a hyper-parameter drops the kept set.
+        """
+        key = (k, seed)
+        if key in self._bank:
+            return self._bank[key]
+        gen = torch.Generator(device=next(iter(self.blocks.values())).mean.device).manual_seed(seed)
+        draws = self.sample(k, generator=gen)
+        if k * self.n_params * draws[next(iter(draws))].element_size() <= max_bytes:
+            self._bank = {key: draws}
+        return draws
 
     def log_prob(self, weights: dict[str, Tensor]) -> Tensor:
         """``log N(θ; θ*, P⁻¹)`` for weights given per layer as (..., out, in+1)."""
@@ -330,10 +407,7 @@ class LaplacePosterior:
             key = f"l{len(layers)}"
             entry = {"name": name, "key": key, "kind": b.kind, "omega": b.omega}
             tensors[f"{key}.mean"] = b.mean
-            if b.diag is not None:
-                tensors[f"{key}.diag"] = b.diag
-            else:
-                tensors.update({f"{key}.U_G": b.U_G, f"{key}.U_A": b.U_A, f"{key}.s_G": b.s_G, f"{key}.s_A": b.s_A})
+            tensors.update({f"{key}.{part}": t for part, t in b.tensors().items()})
             layers.append(entry)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {
@@ -409,9 +483,11 @@ class LaplacePosterior:
             current = layer.handler.weight_matrix(layer.module).detach()
             if mean.shape != current.shape or not torch.equal(mean, current):
                 raise ValueError(f"Layer {layer.name!r} of the model does not match the posterior mean.")
-            self.blocks[layer.name] = LayerPosterior(
-                layer.name, mean, get("U_G"), get("U_A"), get("s_G"), get("s_A"), get("diag"), float(entry["omega"])
-            )
+            if entry["kind"] == "diag":
+                self.blocks[layer.name] = DiagBlock(layer.name, mean, get("diag"))
+            else:
+                eigen = KronEigen(get("s_G"), get("U_G"), get("s_A"), get("U_A"))
+                self.blocks[layer.name] = KronBlock(layer.name, mean, eigen, float(entry["omega"]))
         self._prior = {k: float(v) for k, v in meta["prior_precision"].items()}
         self._null_prior = {k: float(v) for k, v in meta.get("null_prior", {}).items()}
         self.ood_table = {p: {k: float(v) for k, v in t.items()} for p, t in meta["ood_table"].items()}
@@ -448,4 +524,12 @@ def estimate_sigma(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 102
     return max(math.sqrt(sq / max(count, 1)), 1e-6)
 
 
-__all__ = ["DAMPING_MODES", "Gaussian", "LaplacePosterior", "LayerPosterior", "estimate_sigma"]
+__all__ = [
+    "DAMPING_MODES",
+    "DiagBlock",
+    "Gaussian",
+    "KronBlock",
+    "LaplacePosterior",
+    "LayerPosterior",
+    "estimate_sigma",
+]

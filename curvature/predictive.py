@@ -70,14 +70,7 @@ def _widest(post, batch: int) -> int:
 
 def weight_samples(post, k: int, seed: int) -> dict[str, Tensor]:
     """The posterior's K weight samples for ``seed``, cached on the posterior when they fit in memory."""
-    key = (k, seed)
-    if key in post._bank:
-        return post._bank[key]
-    gen = torch.Generator(device=next(iter(post.blocks.values())).mean.device).manual_seed(seed)
-    draws = post.sample(k, generator=gen)
-    if k * post.n_params * draws[next(iter(draws))].element_size() <= BANK_BYTES:
-        post._bank = {key: draws}  # keep only the most recent bank
-    return draws
+    return post.cached_samples(k, seed, BANK_BYTES)
 
 
 # -------------------------------------------------------------------------------------------------- MC
@@ -121,9 +114,7 @@ def glm_features(post, x: Tensor) -> GLMFeatures:
         block = post.blocks[layer.name]
         a = layer.handler.input_rows(layer.module, inputs[layer.name])  # (B, T, in)
         g = layer.handler.output_rows(layer.module, g.detach())  # (C, B, T, out)
-        if block.U_G is not None:
-            a = a @ block.U_A
-            g = g @ block.U_G
+        a, g = block.rotate_inputs(a), block.rotate_outputs(g)
         if a.shape[1] == 1:
             rotated[layer.name] = (g[:, :, 0], a[:, 0] ** 2)
         else:
