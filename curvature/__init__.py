@@ -27,6 +27,7 @@ from .layers import Layer, find_layers, register_handler
 from .likelihoods import Bernoulli, BinaryMixture, CrossEntropy, Gaussian, Likelihood, likelihood_from_name
 from .metrics import accuracy, auroc, ece, nll_classification, nll_gaussian
 from .ood import calibrate_ood
+from .optim import OptimizerConfig, SecondOrderOptimizer, StepInfo
 from .options import DEFAULT_CURVATURE, Curvature, Damping, OodScore, Predictive, Subset, Task, Tuning
 from .posterior import LaplacePosterior
 from .predictive import predict
@@ -44,6 +45,9 @@ __all__ = [
     "Tuning",
     "LaplaceConfig",
     "LaplacePosterior",
+    "OptimizerConfig",
+    "SecondOrderOptimizer",
+    "StepInfo",
     "TuningResult",
     "accuracy",
     "auroc",

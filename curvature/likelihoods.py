@@ -40,6 +40,16 @@ class Likelihood(ABC):
         """(n, C, K) square root of the output Fisher."""
         return self.hessian_sqrt(f)
 
+    def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        """(C, C) ``Σ_n Λ_n``, the GGN output curvature summed over the batch (KFRA's ``Ḡ_L`` before averaging)."""
+        s = self.hessian_sqrt(f, y)
+        return torch.einsum("nck,ndk->cd", s, s)
+
+    def output_curvature_apply(self, f: Tensor, y: Tensor | None, v: Tensor) -> Tensor:
+        """(n, C) ``Λ_n v_n`` for output-space vectors ``v`` (n, C): the middle of a GGN-vector product."""
+        s = self.hessian_sqrt(f, y)
+        return torch.einsum("nck,ndk,nd->nc", s, s, v)
+
     @abstractmethod
     def sampled_gradients(self, f: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
         """(n, C, m) gradients of ``−log p(ŷ|f)`` for sampled ``ŷ``, scaled by ``1/√m``."""
@@ -78,6 +88,14 @@ class CrossEntropy(Likelihood):
         sh = s - (s[..., -1:] * coef.unsqueeze(-1)) * v.unsqueeze(-2)
         return sh[..., :-1]
 
+    def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        p = torch.softmax(f, dim=-1)
+        return torch.diag(p.sum(0)) - p.T @ p
+
+    def output_curvature_apply(self, f: Tensor, y: Tensor | None, v: Tensor) -> Tensor:
+        p = torch.softmax(f, dim=-1)
+        return p * v - p * (p * v).sum(-1, keepdim=True)
+
     def sampled_gradients(self, f: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
         p = torch.softmax(f, dim=-1)
         idx = torch.multinomial(p, m, replacement=True, generator=generator)  # (n, m)
@@ -103,6 +121,12 @@ class Gaussian(Likelihood):
         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device) / self.sigma
         return eye.expand(f.shape[0], -1, -1)
 
+    def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        return torch.eye(f.shape[-1], dtype=f.dtype, device=f.device) * (f.shape[0] / self.sigma**2)
+
+    def output_curvature_apply(self, f: Tensor, y: Tensor | None, v: Tensor) -> Tensor:
+        return v / self.sigma**2
+
     def sampled_gradients(self, f: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
         eps = torch.randn(*f.shape, m, dtype=f.dtype, device=f.device, generator=generator)
         # ŷ = f + σ ε  ⇒  ∇_f −log p(ŷ|f) = (f − ŷ)/σ² = −ε/σ
@@ -120,6 +144,14 @@ class Bernoulli(Likelihood):
     def hessian_sqrt(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         p = torch.sigmoid(f)
         return torch.diag_embed((p * (1 - p)).sqrt())
+
+    def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        p = torch.sigmoid(f)
+        return torch.diag((p * (1 - p)).sum(0))
+
+    def output_curvature_apply(self, f: Tensor, y: Tensor | None, v: Tensor) -> Tensor:
+        p = torch.sigmoid(f)
+        return p * (1 - p) * v
 
     def sampled_gradients(self, f: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
         p = torch.sigmoid(f).unsqueeze(-1).expand(*f.shape, m)

@@ -186,8 +186,7 @@ def ggn_vector_product(
     tangent = {name: vectors[name].to(device=device, dtype=dtype) for name in theta}
     for x, y in iterate_batches(data, batch_size, device=device, dtype=dtype):
         f, jv = jvp(lambda th, x=x: fn(th, x), (theta,), (tangent,))
-        s = likelihood.hessian_sqrt(f.detach(), y)
-        u = torch.einsum("nck,ndk,nd->nc", s, s, jv)
+        u = likelihood.output_curvature_apply(f.detach(), y, jv)
         _, pull = vjp(lambda th, x=x: fn(th, x), theta)
         (contrib,) = pull(u)
         for name in result:

@@ -135,8 +135,7 @@ def fit_kfra(
                         deriv = d if deriv is None else deriv * d
                         h = out.detach()
                 f = h
-                s = likelihood.hessian_sqrt(f, y)
-                lam = torch.einsum("nck,ndk->cd", s, s)
+                lam = likelihood.output_curvature_sum(f, y)
                 lam_sum = lam if lam_sum is None else lam_sum + lam
                 n_seen += x.shape[0]
                 if progress is not None:
