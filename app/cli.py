@@ -12,8 +12,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from app.jobs import JobRecord
-from app.settings import InsecureSettingsError, Settings, get_settings
+from app.domain.jobs import FINAL, JobRecord, JobStatus
+from app.domain.settings import InsecureSettingsError, Settings, get_settings
 
 logger = logging.getLogger("kronlap")
 
@@ -75,7 +75,7 @@ def serve(host: str, port: int, example: bool, settings: Settings | None = None,
     """Runs the API (and, in embedded mode, a private Redis and an in-process worker)."""
     import uvicorn
 
-    from app.main import create_app
+    from app.api.main import create_app
 
     settings = settings or get_settings()
     if settings.embedded and settings.open_access and not _is_loopback(host):
@@ -115,11 +115,10 @@ def serve(host: str, port: int, example: bool, settings: Settings | None = None,
 
 
 def _prepare_example(settings: Settings, redis_url: str) -> None:
-    from app.example import ensure_example
-    from app.metrics import get_metrics
-    from app.services import Services
+    from app.domain.backend import Backend
+    from app.domain.example import ensure_example
 
-    services = Services.build(settings, redis_url, get_metrics())
+    backend = Backend.connect(settings, redis_url)
     bar: ProgressBar | None = None
 
     def on_progress(job: JobRecord) -> None:
@@ -131,12 +130,12 @@ def _prepare_example(settings: Settings, redis_url: str) -> None:
     try:
         print("preparing the example model (MNIST-5k MLP, KFAC fit)...", flush=True)
         start = time.monotonic()
-        fit = ensure_example(services, on_progress)
+        fit = ensure_example(backend, on_progress)
         if bar is not None:
             bar.close()
         print(f"example ready: model 'example', fit {fit.id} ({time.monotonic() - start:.1f}s)", flush=True)
     finally:
-        services.close()
+        backend.close()
 
 
 def wait(job_id: str, url: str, api_key: str | None, interval_s: float = 0.5) -> int:
@@ -157,7 +156,7 @@ def wait(job_id: str, url: str, api_key: str | None, interval_s: float = 0.5) ->
                 return 1
             bar = bar or ProgressBar(job_id)
             bar.update(float(job["progress"]), job["message"], job["status"])
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if JobStatus(job["status"]) in FINAL:
                 bar.close()
                 bar = None
                 print(json.dumps(job, indent=2))

@@ -181,11 +181,11 @@ def start_server(port: int, batching: bool, threads: int) -> subprocess.Popen:
 def load_example_posterior() -> Any:
     """The example posterior from the bench store, loaded as the API loads it (``None`` if absent)."""
     import curvature as cv
-    from app.catalog import Catalog
-    from app.errors import NotFound
-    from app.example import EXAMPLE_MODEL_ID
-    from app.modelio import load_model
-    from app.store import ArtifactStore
+    from app.domain.catalog import Catalog
+    from app.domain.errors import NotFound
+    from app.domain.example import EXAMPLE_MODEL_ID
+    from app.domain.modelio import load_model
+    from app.domain.store import ArtifactStore
 
     catalog = Catalog(ArtifactStore(DATA_DIR))
     try:

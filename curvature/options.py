@@ -80,3 +80,7 @@ class OodScore(StrEnum):
 
 
 REGRESSION_OOD_SCORES = (OodScore.entropy, OodScore.mutual_information)
+
+
+MAX_SEED = 2**63 - 1
+"""The largest seed accepted anywhere a seed is an option (``torch.Generator.manual_seed`` takes a signed 64-bit)."""

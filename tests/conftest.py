@@ -96,8 +96,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def make_settings(redis_url: str, redis_namespace: str) -> Callable[..., object]:
-    """Factory of :class:`app.settings.Settings` on the test Redis with two tenants' keys."""
-    from app.settings import Settings
+    """Factory of :class:`app.domain.settings.Settings` on the test Redis with two tenants' keys."""
+    from app.domain.settings import Settings
 
     def make(data_dir: Path, **overrides: object) -> Settings:
         values: dict[str, object] = dict(
@@ -252,14 +252,14 @@ class TrainedModels:
 
 
 def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    from app.example import train_classifier
+    from app.domain.example import train_classifier
 
     return train_classifier(net, x, y, epochs, seed, lr=3e-3)
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor) -> bytes:
     """``torch.onnx.export`` of ``net`` with a dynamic batch dimension."""
-    from app.example import export_onnx as export
+    from app.domain.example import export_onnx as export
 
     return export(net, example)
 

@@ -1,8 +1,9 @@
-"""Dramatiq actors: the broker-facing wrappers of :mod:`workers.jobs`.
+"""Dramatiq actors: one per job kind (:data:`app.domain.kinds.KINDS`), each a thin wrapper of
+:func:`app.domain.kinds.execute`.
 
-Retries and time limits are stated where the actor is declared. Permanent failures
-(:class:`~workers.jobs.PermanentJobError`) and time-limit interrupts are never retried; anything else
-(Redis or disk hiccups) is retried up to ``fit_max_retries`` times with back-off.
+Retries and time limits are stated where the actor is declared, from the kind. Permanent failures
+(:class:`~app.domain.jobs.PermanentJobError`) and time-limit interrupts are never retried; anything else
+(Redis or disk hiccups) is retried up to the kind's ``max_retries`` with back-off.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 
-from app.settings import Settings
-from workers.jobs import FIT_KIND, FitParams, JobContext, PermanentJobError, run_fit
+from app.domain.backend import Backend
+from app.domain.jobs import PermanentJobError
+from app.domain.kinds import KINDS, JobKind, execute
+from app.domain.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-FIT_ACTOR = "fit_laplace"
-
 
 def declare_actors(broker: RedisBroker, settings: Settings, redis_url: str) -> dict[str, dramatiq.Actor]:
-    """Declares the job actors on ``broker``.
+    """Declares one actor per job kind on ``broker``.
 
     Args:
         broker: The broker.
@@ -33,23 +34,30 @@ def declare_actors(broker: RedisBroker, settings: Settings, redis_url: str) -> d
     Returns:
         Actors by job kind.
     """
-    max_retries = settings.fit_max_retries
 
     @lru_cache(maxsize=1)
-    def context() -> JobContext:
-        return JobContext.from_settings(settings, redis_url=redis_url)
+    def backend() -> Backend:
+        return Backend.connect(settings, redis_url=redis_url)
 
-    @dramatiq.actor(
-        broker=broker,
-        actor_name=FIT_ACTOR,
-        queue_name="fits",
-        time_limit=settings.fit_time_limit_s * 1000,
-        max_retries=max_retries,
-        throws=(PermanentJobError, TimeLimitExceeded),
-    )
-    def fit_laplace(params: dict) -> None:
-        message = CurrentMessage.get_current_message()
-        retries = int(message.options.get("retries", 0)) if message is not None else 0
-        run_fit(FitParams.model_validate(params), context(), final_attempt=retries >= max_retries)
+    def declare(kind: JobKind) -> dramatiq.Actor:
+        max_retries = kind.max_retries(settings)
 
-    return {FIT_KIND: fit_laplace}
+        def run_job(params: dict) -> None:
+            message = CurrentMessage.get_current_message()
+            retries = int(message.options.get("retries", 0)) if message is not None else 0
+            execute(kind, params, backend(), final_attempt=retries >= max_retries)
+
+        run_job.__name__ = kind.actor
+        return dramatiq.actor(
+            run_job,
+            broker=broker,
+            actor_name=kind.actor,
+            queue_name=kind.queue,
+            time_limit=kind.time_limit_s(settings) * 1000,
+            max_retries=max_retries,
+            throws=(PermanentJobError, TimeLimitExceeded),
+        )
+
+    return {name: declare(kind) for name, kind in KINDS.items()}
+
+

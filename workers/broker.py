@@ -1,11 +1,9 @@
-"""Dramatiq broker on Redis, configured from :class:`~app.settings.Settings`.
+"""The workers' broker: the shared queue contract plus a heartbeat, with every job kind's actor declared.
 
-Delivery is at least once. A worker announces itself on every broker command and, through
-:class:`WorkerHeartbeat`, at a fixed interval even while it is busy with a long fit; a worker silent for
-``heartbeat_timeout`` is presumed dead and queue maintenance (run on ``maintenance_chance`` out of a million
-commands of the surviving workers) puts its unacknowledged messages back on the queue, so a SIGKILLed fit is
-picked up by another worker. dramatiq 2.x folds the old ``requeue_deadline`` / ``requeue_interval`` options
-into this heartbeat sweep. Dead-lettered messages are kept for ``dead_message_ttl``.
+dramatiq's Redis broker refreshes a worker's heartbeat only when the worker sends a command; a worker whose
+prefetch budget is used up by one long job sends none, and after ``heartbeat_timeout`` its message would be
+handed to another worker while the first still runs it. :class:`WorkerHeartbeat` keeps a busy worker
+visibly alive and leaves a heartbeat file for container health checks.
 """
 
 from __future__ import annotations
@@ -17,38 +15,18 @@ from pathlib import Path
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import (
-    AgeLimit,
-    Callbacks,
-    CurrentMessage,
-    Middleware,
-    Pipelines,
-    Retries,
-    ShutdownNotifications,
-    TimeLimit,
-)
+from dramatiq.middleware import Middleware
 
-from app.settings import Settings
+from app.domain.kinds import QUEUES
+from app.domain.queue import make_broker
+from app.domain.settings import Settings
+from workers.actors import declare_actors
 
 logger = logging.getLogger(__name__)
 
-FIT_QUEUE = "fits"
-QUEUES = (FIT_QUEUE,)
-HEARTBEAT_FILE = "worker-heartbeat"
-
-
-def dramatiq_namespace(settings: Settings) -> str:
-    """Key prefix of the broker's Redis keys."""
-    return f"{settings.redis_namespace}.dramatiq"
-
 
 class WorkerHeartbeat(Middleware):
-    """Keeps a busy worker visibly alive and leaves a heartbeat file for container health checks.
-
-    dramatiq's Redis broker refreshes a worker's heartbeat only when the worker sends a command; a worker
-    whose prefetch budget is used up by one long fit sends none, and after ``heartbeat_timeout`` its
-    message would be handed to another worker while the first still runs it. This middleware issues a
-    cheap command every quarter of the timeout from a daemon thread of the worker process.
+    """Issues a cheap broker command every ``interval_s`` from a daemon thread of the worker process.
 
     Args:
         interval_s: Seconds between heartbeats.
@@ -82,44 +60,17 @@ class WorkerHeartbeat(Middleware):
             self._stop.wait(self.interval_s)
 
 
-def make_broker(settings: Settings, *, url: str | None = None, heartbeat_path: Path | None = None) -> RedisBroker:
-    """Builds the Redis broker and declares the job actors on it.
+def make_worker_broker(
+    settings: Settings, *, url: str | None = None, heartbeat_path: Path | None = None
+) -> RedisBroker:
+    """The queue contract's broker with the heartbeat middleware and every job kind's actor declared.
 
     Args:
         settings: Service settings (Redis URL, heartbeat and maintenance knobs, time limits).
         url: Redis URL overriding ``settings.redis_url`` (the embedded Redis).
         heartbeat_path: File the worker heartbeat touches, for health checks.
-
-    Returns:
-        A broker whose actors (see :mod:`workers.actors`) are declared.
     """
-    redis_url = url or settings.redis_url
-    if not redis_url:
-        raise ValueError("no Redis URL: set KRONLAP_REDIS_URL or start the embedded Redis first")
-    middleware = [
-        AgeLimit(),
-        TimeLimit(),
-        ShutdownNotifications(),
-        Callbacks(),
-        Pipelines(),
-        Retries(max_retries=settings.fit_max_retries, min_backoff=1000, max_backoff=60_000),
-        CurrentMessage(),
-        WorkerHeartbeat(interval_s=settings.heartbeat_timeout_ms / 4000, heartbeat_path=heartbeat_path),
-    ]
-    broker = RedisBroker(
-        url=redis_url,
-        namespace=dramatiq_namespace(settings),
-        middleware=middleware,
-        heartbeat_timeout=settings.heartbeat_timeout_ms,
-        dead_message_ttl=settings.dead_message_ttl_ms,
-        maintenance_chance=settings.maintenance_chance,
-    )
-    from workers.actors import declare_actors
-
-    declare_actors(broker, settings, redis_url)
+    heartbeat = WorkerHeartbeat(interval_s=settings.heartbeat_timeout_ms / 4000, heartbeat_path=heartbeat_path)
+    broker = make_broker(settings, url=url, extra=[heartbeat])
+    declare_actors(broker, settings, url or settings.redis_url or "")
     return broker
-
-
-def queue_depth(broker: RedisBroker, queue: str = FIT_QUEUE) -> int:
-    """Messages waiting (not yet fetched) on ``queue``."""
-    return int(broker.client.llen(f"{broker.namespace}:{queue}"))

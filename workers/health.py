@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from app.settings import get_settings
+from app.domain.settings import get_settings
 from workers.runner import heartbeat_age_s
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from app.settings import Settings, get_settings
-from workers.broker import make_broker
+from app.domain.settings import Settings, get_settings
+from workers.broker import make_worker_broker
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_worker(settings: Settings | None = None) -> int:
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
-        from app.metrics import get_metrics
+        from app.domain.metrics import get_metrics
 
         get_metrics()
         start_http_server(settings.worker_metrics_port)
@@ -53,7 +53,7 @@ def run_worker(settings: Settings | None = None) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     heartbeat: Path | None = settings.worker_heartbeat_file
-    broker = make_broker(settings, heartbeat_path=heartbeat)
+    broker = make_worker_broker(settings, heartbeat_path=heartbeat)
     dramatiq.set_broker(broker)
     stop = threading.Event()
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..layers import find_layers
 from ..likelihoods import Likelihood
+from ..options import Curvature
 from .backward import backprop_vectors, fit_diagonal, fit_kronecker_backward, record_layers
 from .common import Data, DiagonalFactors, KroneckerFactors, LayerFactors, Progress, iterate_batches
 from .exact import (
@@ -22,9 +23,23 @@ from .exact import (
     layer_matrices,
     unflatten_vector,
 )
-from .kfra import fit_kfra
+from .kfra import fit_kfra, kfra_chain
 
 KRONECKER_METHODS = ("kfac", "kflr", "kfra", "rp")
+
+
+def supported_curvatures(model: nn.Module) -> tuple[Curvature, ...]:
+    """The curvatures the estimators can fit on ``model``.
+
+    KFAC, KFLR, random projections and the diagonal work on every network whose layers are registered; KFRA
+    only on chains of Linear layers with element-wise activations (:func:`kfra_chain`).
+    """
+    find_layers(model)
+    try:
+        kfra_chain(model)
+    except ValueError:
+        return tuple(c for c in Curvature if c != Curvature.kfra)
+    return tuple(Curvature)
 
 
 def fit_kronecker(

@@ -19,10 +19,11 @@ import torch
 from starlette.requests import Request
 from torch import nn
 
-from app.auth import authenticate
-from app.errors import Forbidden
-from app.main import create_app
-from app.settings import Settings
+from app.api.auth import authenticate
+from app.api.main import create_app
+from app.domain.errors import Forbidden
+from app.domain.settings import Settings
+from workers.embedded import start_embedded
 
 KEY_A = "tenant-a-key-" + "a" * 24
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -281,7 +282,9 @@ def test_readiness_reports_an_unreachable_redis(data_dir: Path, make_settings, r
 def test_embedded_mode_runs_open_for_local_clients_only(tmp_path: Path, run_server) -> None:
     settings = Settings(data_dir=tmp_path / "data", redis_namespace="kltest-embedded")
     assert settings.embedded and settings.open_access
-    with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url) as client:
+    runtime = start_embedded(settings)  # what `kronlap serve` composes without KRONLAP_REDIS_URL
+    app = create_app(settings, redis_url=runtime.redis_url, on_shutdown=runtime.stop)
+    with run_server(app) as server, httpx.Client(base_url=server.url) as client:
         assert client.get("/readyz").json()["checks"] == {"redis": "ok", "store": "ok"}
         assert client.get("/v1/models").json() == []
     remote = Request({"type": "http", "headers": [], "client": ("203.0.113.9", 4000)})

@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from app.modelio import (
+from app.domain.modelio import (
     ERROR_CODES,
     ImportedModel,
     ModelImportError,
@@ -25,7 +25,7 @@ from app.modelio import (
     load_model,
     verify_reproduces,
 )
-from app.modelio.modules import GraphProgram
+from app.domain.modelio.modules import GraphProgram
 
 BATCH = torch.export.Dim("batch")
 UNPICKLED: list[str] = []
@@ -281,7 +281,7 @@ def test_verify_reproduces(exported) -> None:
 
 
 def test_load_model_dry_run_catches_a_wrong_rebuild(exported, monkeypatch) -> None:
-    from app.modelio import onnx_import
+    from app.domain.modelio import onnx_import
 
     def wrong(self, node, attrs):
         self._activation(node, nn.Tanh(), "relu")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.datasetio import parse_npz
-from app.errors import InvalidInput, PayloadTooLarge
-from app.jobs import JobCancelled, JobStatus, JobStore
-from app.main import create_app
-from app.predictor import MicroBatcher, PredictOptions
-from app.settings import InsecureSettingsError, Settings
-from app.store import ArtifactStore, sha256_hex
+from app.api.main import create_app
+from app.api.predictor import MicroBatcher, PredictOptions
+from app.domain.datasetio import parse_npz
+from app.domain.errors import InvalidInput, PayloadTooLarge
+from app.domain.jobs import JobCancelled, JobStatus, JobStore
+from app.domain.settings import InsecureSettingsError, Settings
+from app.domain.store import ArtifactStore, sha256_hex
 
 
 def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.main import create_app
+from app.api.main import create_app
 from tests.conftest import flush_namespace
 
 pytestmark = pytest.mark.slow
@@ -207,9 +207,9 @@ def test_letters_are_flagged_ood_far_more_often_than_digits(
 
 def _in_process(service: Service, fitted: dict):
     import curvature as cv
-    from app.catalog import Catalog
-    from app.modelio import load_model
-    from app.store import ArtifactStore
+    from app.domain.catalog import Catalog
+    from app.domain.modelio import load_model
+    from app.domain.store import ArtifactStore
 
     catalog = Catalog(ArtifactStore(service.data_dir))
     model = catalog.get_model(fitted["model"]["id"], None)
