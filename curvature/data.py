@@ -6,7 +6,8 @@ Sources (see DESIGN.md §5):
 * :func:`digits`: scikit-learn's 8×8 digits, split about 70 / 15 / 15.
 * :func:`letters`: notMNIST-style out-of-distribution images, letters A–J rendered with Pillow.
 * :func:`toy_regression`: the 1-D cubic regression problem of Botev's thesis §5.2.1.
-* :func:`permuted_mnist` and :func:`split_mnist`: continual-learning task sequences from :func:`mnist5k`.
+* :func:`permuted_mnist`, :func:`split_mnist` and :func:`disjoint_mnist`: continual-learning task sequences from
+  :func:`mnist5k`.
 
 Conventions: images are float32 in ``[0, 1]`` with a white glyph on black; ``flat=True`` gives ``(N, H*W)``
 and ``flat=False`` gives ``(N, 1, H, W)``; class labels are int64. Every random choice is drawn from a
@@ -33,6 +34,7 @@ __all__ = [
     "Split",
     "Splits",
     "digits",
+    "disjoint_mnist",
     "letter_fonts",
     "letters",
     "mnist5k",
@@ -537,4 +539,32 @@ def split_mnist(seed: int = 0, flat: bool = True, relabel: bool = False) -> list
             return Split(s.x[mask], s.y[mask] - first if relabel else s.y[mask])
 
         tasks.append(Splits(keep(base.train), keep(base.val), keep(base.test), (first, first + 1), base.image_shape))
+    return tasks
+
+
+def disjoint_mnist(seed: int = 0, flat: bool = True) -> list[Splits]:
+    """Disjoint MNIST-5k (thesis §5.4.2): task 0 holds the digits 0–4, task 1 the digits 5–9.
+
+    Each task keeps its five digits from every part of ``mnist5k(seed)`` (2,000 / 250 / 250); labels stay the
+    original digits, so both tasks train one 10-way head.
+
+    Args:
+        seed: Seed of the underlying MNIST-5k split.
+        flat: ``True`` for inputs ``(N, 784)``, ``False`` for ``(N, 1, 28, 28)``.
+
+    Returns:
+        Two :class:`Splits` with ``classes == (0, 1, 2, 3, 4)`` and ``(5, 6, 7, 8, 9)``.
+
+    Raises:
+        ValueError: If ``seed`` is not a non-negative int.
+    """
+    base = mnist5k(seed, flat=flat)
+    tasks = []
+    for digits_ in ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)):
+
+        def keep(s: Split, low: int = digits_[0]) -> Split:
+            mask = (s.y >= low) & (s.y < low + 5)
+            return Split(s.x[mask], s.y[mask])
+
+        tasks.append(Splits(keep(base.train), keep(base.val), keep(base.test), digits_, base.image_shape))
     return tasks

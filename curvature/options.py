@@ -82,5 +82,45 @@ class OodScore(StrEnum):
 REGRESSION_OOD_SCORES = (OodScore.entropy, OodScore.mutual_information)
 
 
+class ContinualMethod(StrEnum):
+    """How a sequence of tasks is learned (thesis §5.3, :mod:`curvature.continual`).
+
+    ``online``: Laplace recursion, one curvature term per task around the latest optimum (eq. 5.23, 5.25);
+    ``online_sum``: the same with the Kronecker factors of all tasks added together (constant memory);
+    ``ewc``: one penalty per task around that task's own optimum (eq. 5.26); ``nononline``: the curvature of
+    every task seen so far recomputed at the latest optimum (eq. 5.24); ``si``: Synaptic Intelligence;
+    ``finetune``: no penalty (lower bound); ``joint``: training on all data seen so far (upper bound).
+    """
+
+    online = "online"
+    online_sum = "online_sum"
+    ewc = "ewc"
+    nononline = "nononline"
+    si = "si"
+    finetune = "finetune"
+    joint = "joint"
+
+
+class ContinualOptimizer(StrEnum):
+    """The optimiser that trains each task: ``adam``, ``sgd`` (with optional Nesterov momentum) or full-batch ``lbfgs``."""
+
+    adam = "adam"
+    sgd = "sgd"
+    lbfgs = "lbfgs"
+
+
+class KronSum(StrEnum):
+    """How a sum of Kronecker terms ``Σ_t N_t G_t ⊗ A_t`` becomes one servable Kronecker block.
+
+    ``nearest``: the Frobenius-nearest ``X ⊗ Y`` (Van Loan & Pitsianis); ``sum``: the task-weighted averages of
+    the factors, ``N (Ḡ ⊗ Ā)`` (the constant-memory approximation); ``latest``: the latest task's factors scaled
+    to all the data seen.
+    """
+
+    nearest = "nearest"
+    sum = "sum"
+    latest = "latest"
+
+
 MAX_SEED = 2**63 - 1
 """The largest seed accepted anywhere a seed is an option (``torch.Generator.manual_seed`` takes a signed 64-bit)."""
