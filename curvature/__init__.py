@@ -10,6 +10,14 @@ Example::
     diag = cv.fit_diagonal(model, (x, y), cv.CrossEntropy())
 """
 
+from .continual import (
+    ContinualConfig,
+    ContinualLearner,
+    diag_quadratic,
+    kron_quadratic,
+    nearest_kronecker_sum,
+    run_tasks,
+)
 from .estimators import (
     DiagonalFactors,
     KroneckerFactors,
@@ -28,7 +36,19 @@ from .likelihoods import Bernoulli, BinaryMixture, CrossEntropy, Gaussian, Likel
 from .metrics import accuracy, auroc, ece, nll_classification, nll_gaussian
 from .ood import calibrate_ood
 from .optim import OptimizerConfig, SecondOrderOptimizer, StepInfo
-from .options import DEFAULT_CURVATURE, Curvature, Damping, OodScore, Predictive, Subset, Task, Tuning
+from .options import (
+    DEFAULT_CURVATURE,
+    ContinualMethod,
+    ContinualOptimizer,
+    Curvature,
+    Damping,
+    KronSum,
+    OodScore,
+    Predictive,
+    Subset,
+    Task,
+    Tuning,
+)
 from .posterior import LaplacePosterior
 from .predictive import predict
 from .tuning import TuningResult, tune_marglik, tune_null_prior, tune_validation
@@ -84,4 +104,13 @@ __all__ = [
     "register_handler",
     "sym_eigh",
     "trace_norm_omega",
+    "ContinualConfig",
+    "ContinualLearner",
+    "ContinualMethod",
+    "ContinualOptimizer",
+    "KronSum",
+    "diag_quadratic",
+    "kron_quadratic",
+    "nearest_kronecker_sum",
+    "run_tasks",
 ]
