@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve clean
+.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-online clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-quality: bench-deps
 
 bench-serve: $(STAMP)
 	$(PY) -m bench.serve
+
+bench-online: $(STAMP)
+	$(PY) -m bench.online
 
 run: $(STAMP)
 	$(VENV)/bin/kronlap serve --example
