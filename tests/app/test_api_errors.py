@@ -41,10 +41,33 @@ def tiny_onnx(exporters) -> bytes:
     return exporters["onnx"](nn.Sequential(nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10)), torch.zeros(1, 784))
 
 
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact store of this module's server."""
+    return tmp_path_factory.mktemp("api-errors") / "data"
+
+
 @pytest.fixture
-def client(redis_db, data_dir: Path, make_settings, run_server) -> Iterator[httpx.Client]:
-    settings = make_settings(data_dir, max_request_bytes=64 * 1024, max_upload_bytes=2 * 2**20)
-    with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+def data_dir(store_root: Path) -> Path:
+    """The module server's store, emptied of blobs and records before each test."""
+    for area in ("blobs", "records"):
+        for path in (store_root / area).rglob("*"):
+            if path.is_file():
+                path.unlink()
+    return store_root
+
+
+@pytest.fixture(scope="module")
+def server(store_root: Path, make_settings, run_server) -> Iterator[object]:
+    """One API server for the module (each test starts from an empty store and a flushed namespace)."""
+    settings = make_settings(store_root, max_request_bytes=64 * 1024, max_upload_bytes=2 * 2**20)
+    with run_server(create_app(settings)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(redis_db, data_dir: Path, server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 

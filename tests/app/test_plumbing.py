@@ -118,10 +118,12 @@ def test_dataset_parsing_accepts_numbers_and_refuses_the_rest() -> None:
 
 def test_micro_batcher_merges_concurrent_requests_and_splits_results() -> None:
     calls: list[int] = []
+    entered = threading.Event()
     release = threading.Event()
 
     def run(x: torch.Tensor, options: PredictOptions) -> dict[str, np.ndarray]:
-        release.wait(5)
+        entered.set()
+        assert release.wait(30), "never released"
         calls.append(int(x.shape[0]))
         return {"double": (2 * x).numpy(), "threshold": np.array(0.5)}
 
@@ -130,10 +132,14 @@ def test_micro_batcher_merges_concurrent_requests_and_splits_results() -> None:
         batcher = MicroBatcher(run, executor, max_batch=64, max_wait_s=0.05)
         opts = PredictOptions(10, "mc", "entropy", None)
         first = asyncio.ensure_future(batcher.submit(torch.full((1, 2), -1.0), opts))
-        await asyncio.sleep(0.1)  # the first batch is now blocked in `run`; the rest queue up
+        # The first batch is now blocked in `run` (its only thread); the rest queue up behind it.
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
         rest = [asyncio.ensure_future(batcher.submit(torch.full((i + 1, 2), float(i)), opts)) for i in range(8)]
         seeded = asyncio.ensure_future(batcher.submit(torch.ones(1, 2), opts._replace(seed=3)))
-        await asyncio.sleep(0.05)
+        for _ in range(100_000):  # until every submit has queued its request
+            if len(batcher._pending) == 9:
+                break
+            await asyncio.sleep(0)
         release.set()
         results = await asyncio.gather(first, *rest, seeded)
         batcher.close()

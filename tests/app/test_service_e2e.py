@@ -16,9 +16,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
 
 from app.api.main import create_app
+from app.domain.kinds import QUEUES
+from app.domain.queue import dramatiq_namespace
 from tests.conftest import flush_namespace
 
 pytestmark = pytest.mark.slow
@@ -84,6 +87,24 @@ def _poll(service: Service, job_id: str, timeout_s: float = 150) -> tuple[dict, 
             return job, seen
         assert time.monotonic() < deadline, f"job {job_id} stuck: {job}"
         time.sleep(0.05)
+
+
+def _wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _queue_drained(service: Service) -> bool:
+    client = redis.Redis.from_url(service.settings.redis_url)
+    try:
+        namespace = dramatiq_namespace(service.settings)
+        waiting = sum(client.llen(f"{namespace}:{queue}") for queue in QUEUES)
+        unacked = sum(client.scard(key) for key in client.scan_iter(f"{namespace}:__acks__.*"))
+        return waiting == 0 and unacked == 0
+    finally:
+        client.close()
 
 
 def _fit(
@@ -324,7 +345,9 @@ def test_cancelling_a_fit(service: Service, mlp_fit: dict, trained_models) -> No
     again = service.client.delete(f"/v1/jobs/{job_id}", headers=h)
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
     assert service.client.get(f"/v1/fits/{fit_id}", headers=h).json()["status"] == "cancelled"
-    time.sleep(1.5)  # the worker picks the message up and must drop it
+    # The worker still receives the message; wait until it has taken and acknowledged it (queue and
+    # acknowledgement sets empty), then the record must still say cancelled.
+    _wait_until(lambda: _queue_drained(service), "the worker never took the cancelled message")
     assert service.client.get(f"/v1/jobs/{job_id}", headers=h).json()["status"] == "cancelled"
     assert service.client.get(f"/v1/fits/{fit_id}", headers=h).json()["status"] == "cancelled"
     listed = service.client.get(f"/v1/models/{mlp_fit['model']['id']}/fits", headers=h).json()
