@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .options import LikelihoodName
+
 
 class Likelihood(ABC):
     """Interface shared by every likelihood."""
@@ -207,12 +209,18 @@ class BinaryMixture(Likelihood):
         return grad.unsqueeze(-1) * coef.unsqueeze(-2) / math.sqrt(m)
 
 
-LIKELIHOODS = {"classification": CrossEntropy, "regression": Gaussian, "binary": Bernoulli}
+LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {
+    LikelihoodName.classification: CrossEntropy,
+    LikelihoodName.regression: Gaussian,
+    LikelihoodName.binary: Bernoulli,
+    LikelihoodName.binary_mixture: BinaryMixture,
+}
 
 
 def likelihood_from_name(name: str, **kwargs) -> Likelihood:
     """``"classification"`` → :class:`CrossEntropy`, ``"regression"`` → :class:`Gaussian`, ..."""
     try:
-        return LIKELIHOODS[name](**kwargs)
-    except KeyError:
-        raise ValueError(f"Unknown likelihood {name!r}; choose from {sorted(LIKELIHOODS)}.") from None
+        cls = LIKELIHOODS[LikelihoodName(name)]
+    except ValueError:
+        raise ValueError(f"Unknown likelihood {name!r}; choose from {[n.value for n in LIKELIHOODS]}.") from None
+    return cls(**kwargs)

@@ -124,3 +124,32 @@ class KronSum(StrEnum):
 
 MAX_SEED = 2**63 - 1
 """The largest seed accepted anywhere a seed is an option (``torch.Generator.manual_seed`` takes a signed 64-bit)."""
+
+
+class LikelihoodName(StrEnum):
+    """The likelihood a network is trained or fitted with (:func:`curvature.likelihood_from_name`).
+
+    ``classification``: softmax cross-entropy over logits; ``regression``: Gaussian; ``binary``: independent
+    Bernoulli outputs on logits (autoencoders); ``binary_mixture``: the two-component Bernoulli mixture of thesis
+    eq. 4.28, where the Gauss-Newton matrix and the Fisher differ.
+    """
+
+    classification = "classification"
+    regression = "regression"
+    binary = "binary"
+    binary_mixture = "binary_mixture"
+
+
+class TrainingMethod(StrEnum):
+    """How an optimise job trains: the second-order optimiser with one curvature, or a first-order baseline."""
+
+    kfra = "kfra"
+    kflr = "kflr"
+    kfac = "kfac"
+    rp = "rp"
+    diag = "diag"
+    adam = "adam"
+    sgd = "sgd"
+
+
+FIRST_ORDER_METHODS = (TrainingMethod.adam, TrainingMethod.sgd)

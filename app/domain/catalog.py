@@ -57,7 +57,7 @@ class DatasetRecord(BaseModel):
     n_val: int = 0
     x_shape: list[int]
     y_shape: list[int]
-    y_kind: Literal["int", "float"]
+    y_kind: Literal["int", "float", "none"]
     num_classes: int | None = None
     created_at: float = Field(default_factory=time.time)
 

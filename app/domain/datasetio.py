@@ -1,6 +1,7 @@
 """Reading and checking uploaded ``.npz`` datasets without ever unpickling.
 
-An upload is a zip of ``.npy`` members named ``x``, ``y`` and optionally ``x_val``, ``y_val``. Before numpy
+An upload is a zip of ``.npy`` members named ``x``, ``y`` and optionally ``x_val``, ``y_val``; an unlabelled
+dataset (an autoencoder's, whose target is its input) holds only ``x`` and optionally ``x_val``. Before numpy
 touches it the archive is inspected (member names, declared uncompressed sizes, so a zip bomb is refused
 unopened); arrays are then read with ``allow_pickle=False`` (object arrays are refused) and converted to
 the canonical dtypes: ``x`` float32 and ``y`` int64 (labels) or float32 (targets). The canonical arrays are
@@ -26,19 +27,21 @@ class Dataset:
 
     Attributes:
         x: Inputs, float32 ``(n, *x_shape)``.
-        y: Targets, int64 ``(n,)`` labels or float32 ``(n,)`` / ``(n, k)`` values.
+        y: Targets, int64 ``(n,)`` labels or float32 ``(n,)`` / ``(n, k)`` values; ``None`` when unlabelled.
         x_val: Optional validation inputs.
         y_val: Optional validation targets.
     """
 
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
 
     @property
     def y_kind(self) -> str:
-        """``"int"`` for class labels, ``"float"`` for regression targets."""
+        """``"int"`` for class labels, ``"float"`` for regression targets, ``"none"`` when unlabelled."""
+        if self.y is None:
+            return "none"
         return "int" if self.y.dtype.kind == "i" else "float"
 
     @property
@@ -53,9 +56,10 @@ class Dataset:
 
     def to_npz(self) -> bytes:
         """Canonical uncompressed ``.npz`` bytes."""
-        arrays = {"x": self.x, "y": self.y}
-        if self.x_val is not None and self.y_val is not None:
-            arrays.update(x_val=self.x_val, y_val=self.y_val)
+        arrays = {"x": self.x}
+        for name in ("y", "x_val", "y_val"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
@@ -88,11 +92,12 @@ def _inspect_archive(data: bytes, max_bytes: int) -> None:
                 f"the dataset holds {total} bytes uncompressed, over the limit of {max_bytes}",
                 detail={"uncompressed_bytes": total, "limit_bytes": max_bytes},
             )
-    missing = {"x", "y"} - set(names)
-    if missing:
-        raise InvalidInput(f"the .npz lacks array(s) {sorted(missing)}", code="invalid_npz")
-    if ("x_val" in names) != ("y_val" in names):
+    if "x" not in names:
+        raise InvalidInput("the .npz lacks array x", code="invalid_npz")
+    if "y" in names and ("x_val" in names) != ("y_val" in names):
         raise InvalidInput("x_val and y_val must be given together", code="invalid_npz")
+    if "y" not in names and "y_val" in names:
+        raise InvalidInput("y_val without y: an unlabelled dataset holds x and x_val only", code="invalid_npz")
 
 
 def _as_inputs(name: str, arr: np.ndarray) -> np.ndarray:
@@ -172,15 +177,16 @@ def parse_npz(data: bytes, max_bytes: int) -> Dataset:
     x = _as_inputs("x", raw["x"])
     if x.shape[0] == 0:
         raise InvalidInput("the dataset is empty", code="invalid_shape")
-    y = _as_targets("y", raw["y"], x.shape[0])
+    y = _as_targets("y", raw["y"], x.shape[0]) if "y" in raw else None
     x_val = y_val = None
     if "x_val" in raw:
         x_val = _as_inputs("x_val", raw["x_val"])
-        y_val = _as_targets("y_val", raw["y_val"], x_val.shape[0])
         if x_val.shape[1:] != x.shape[1:]:
             raise InvalidInput(
                 f"x_val rows have shape {list(x_val.shape[1:])}, x rows {list(x.shape[1:])}", code="invalid_shape"
             )
+    if y is not None and x_val is not None:
+        y_val = _as_targets("y_val", raw["y_val"], x_val.shape[0])
         if y_val.dtype != y.dtype or y_val.shape[1:] != y.shape[1:]:
             raise InvalidInput("y_val must have the dtype kind and row shape of y", code="invalid_shape")
     return Dataset(x=x, y=y, x_val=x_val, y_val=y_val)
@@ -190,4 +196,4 @@ def load_canonical(data: bytes) -> Dataset:
     """Loads a dataset the store holds in canonical form (already checked at upload)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
-    return Dataset(x=arrays["x"], y=arrays["y"], x_val=arrays.get("x_val"), y_val=arrays.get("y_val"))
+    return Dataset(x=arrays["x"], y=arrays.get("y"), x_val=arrays.get("x_val"), y_val=arrays.get("y_val"))

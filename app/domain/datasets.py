@@ -26,7 +26,7 @@ def store_dataset(
         n=int(data.x.shape[0]),
         n_val=int(data.x_val.shape[0]) if data.x_val is not None else 0,
         x_shape=list(data.x.shape[1:]),
-        y_shape=list(data.y.shape[1:]),
+        y_shape=list(data.y.shape[1:]) if data.y is not None else [],
         y_kind=data.y_kind,
         num_classes=data.num_classes,
     )
@@ -42,17 +42,29 @@ def delete_dataset(backend: Backend, tenant: str, dataset_id: str) -> None:
         backend.store.delete_blob(record.sha256)
 
 
+def check_rows(model: ModelRecord, data: DatasetRecord, label: str = "dataset") -> None:
+    """Checks that a dataset's rows are the model's inputs (same shape, or the same size flattened).
+
+    Raises:
+        InvalidInput: With code ``incompatible_dataset``.
+    """
+    if data.x_shape != model.input_shape and math.prod(data.x_shape) != math.prod(model.input_shape):
+        raise InvalidInput(
+            f"{label} {data.id!r} has rows of shape {data.x_shape}; model {model.id!r} expects {model.input_shape}",
+            code="incompatible_dataset",
+        )
+
+
 def check_compatible(model: ModelRecord, data: DatasetRecord, label: str = "dataset") -> None:
     """Checks that a dataset fits a model: row size, target kind, label range or target width.
 
     Raises:
         InvalidInput: With code ``incompatible_dataset``.
     """
-    row = math.prod(data.x_shape)
-    if data.x_shape != model.input_shape and row != math.prod(model.input_shape):
+    check_rows(model, data, label)
+    if data.y_kind == "none":
         raise InvalidInput(
-            f"{label} {data.id!r} has rows of shape {data.x_shape}; model {model.id!r} expects {model.input_shape}",
-            code="incompatible_dataset",
+            f"{label} {data.id!r} has no targets y; this job needs labelled data", code="incompatible_dataset"
         )
     if model.task == Task.classification:
         if data.y_kind != "int":
