@@ -39,7 +39,19 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from .errors import ModelImportError
-from .modules import Add, Mean
+from .modules import Mean
+from .ops import (
+    OpRefused,
+    activation_module,
+    add_arithmetic,
+    add_batch_norm,
+    add_conv2d,
+    check_class_axis,
+    clamp_module,
+    example_dims,
+    linear_layer,
+    same_pads,
+)
 from .program import (
     MAX_ACTIVATION_ELEMENTS,
     ProgramBuilder,
@@ -54,13 +66,25 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FINAL_ACTIVATIONS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
 _FLOAT_INPUTS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64}
 
+#: ONNX activation operators: the shared activation kind and its parameters from the node's attributes.
+_ACTIVATIONS: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    "Relu": ("relu", lambda a: {}),
+    "LeakyRelu": ("leaky_relu", lambda a: {"negative_slope": a.get("alpha", 0.01)}),
+    "Tanh": ("tanh", lambda a: {}),
+    "Sigmoid": ("sigmoid", lambda a: {}),
+    "Elu": ("elu", lambda a: {"alpha": a.get("alpha", 1.0)}),
+    # ONNX Softplus has no threshold; torch's switches to the identity above it.
+    "Softplus": ("softplus", lambda a: {"beta": 1.0, "threshold": math.inf}),
+    "Gelu": ("gelu", lambda a: {"approximate": a.get("approximate", "none")}),
+}
+_ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+
 SUPPORTED_OPS: frozenset[str] = frozenset(
     {
-        "Gemm", "MatMul", "Conv", "Relu", "LeakyRelu", "Tanh", "Sigmoid", "Elu", "Softplus", "Gelu",
-        "Clip", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Shape", "Gather", "Concat", "Slice",
-        "Cast", "Constant", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-        "ReduceMean", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Identity", "Dropout",
-        "Transpose", "Softmax", "LogSoftmax", "Greater", "Where",
+        *_ACTIVATIONS, *_ARITHMETIC, *_FINAL_ACTIVATIONS, "Gemm", "MatMul", "Conv", "Clip", "Flatten",
+        "Reshape", "Squeeze", "Unsqueeze", "Shape", "Gather", "Concat", "Slice", "Cast", "Constant",
+        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "BatchNormalization",
+        "Identity", "Dropout", "Transpose", "Greater", "Where",
     }
 )  # fmt: skip
 
@@ -101,11 +125,11 @@ def _float_tensor(value: Any) -> Tensor:
     return torch.tensor(np.asarray(value, dtype=np.float32))
 
 
-def _fail_op(node: onnx.NodeProto, reason: str) -> ModelImportError:
+def _fail_op(node: onnx.NodeProto, reason: str, code: str = "unsupported_op", **detail: Any) -> ModelImportError:
     return ModelImportError(
-        "unsupported_op",
+        code,
         f"ONNX {node.op_type} node {node.name!r}: {reason}",
-        {"op": node.op_type, "node": node.name, "reason": reason},
+        {"op": node.op_type, "node": node.name, "reason": reason, **detail},
     )
 
 
@@ -251,8 +275,10 @@ class _OnnxTranslator:
 
         if activation_node is not None and activation != "sigmoid":
             axis = _attributes(activation_node).get("axis", -1 if self.opset >= 13 else 1)
-            if axis not in (1, -1):
-                raise _fail_op(activation_node, f"final {activation_node.op_type} must act on the class axis")
+            try:
+                check_class_axis(axis, activation_node.op_type)
+            except OpRefused as refusal:
+                raise _fail_op(activation_node, refusal.reason) from None
         return finish_translation(
             self.builder,
             logits_name,
@@ -362,7 +388,10 @@ class _OnnxTranslator:
             handler = getattr(self, f"_op_{node.op_type}", None)
             if handler is None:
                 raise _fail_op(node, "only supported on constants or as the model's last operator")
-            handler(node, attrs)
+            try:
+                handler(node, attrs)
+            except OpRefused as refusal:
+                raise _fail_op(node, refusal.reason, refusal.code, **refusal.detail) from None
 
     def _op_constant(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         if "value" in attrs:
@@ -514,30 +543,19 @@ class _OnnxTranslator:
         if b.ndim != 2 or len(self.builder.shape(x)) != 1:
             raise _fail_op(node, "Gemm needs a 2-D weight and a (batch, features) input")
         weight = alpha * (b if attrs.get("transB", 0) else b.T)
-        bias = None
-        if c is not None:
-            c = np.asarray(c, dtype=np.float32)
-            if c.size not in (1, weight.shape[0]) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
-                raise _fail_op(node, f"bias C of shape {c.shape} is not per output feature")
-            bias = beta * np.broadcast_to(c.reshape(-1), (weight.shape[0],))
-        self._add_linear(node, x, weight, bias)
+        bias = None if c is None else beta * _float_tensor(c)
+        self._add_linear(node, x, _float_tensor(weight), bias)
 
     def _op_MatMul(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         x = self._act(node, 0)
         b = self._const(node, 1, "the second operand (the weight)")
         if b.ndim != 2:
             raise _fail_op(node, "MatMul needs a constant 2-D weight as second operand")
-        self._add_linear(node, x, b.astype(np.float32).T, None)
+        self._add_linear(node, x, _float_tensor(b).T, None)
 
-    def _add_linear(self, node: onnx.NodeProto, x: str, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        out_features, in_features = weight.shape
-        layer = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(_float_tensor(weight))
-            if bias is not None:
-                layer.bias.copy_(_float_tensor(bias))
+    def _add_linear(self, node: onnx.NodeProto, x: str, weight: Tensor, bias: Tensor | None) -> None:
         name = self._layer_name(node.input[1])
-        self.builder.add(layer, [x], node.output[0], kind="linear", name=name, op=node.op_type)
+        self.builder.add(linear_layer(weight, bias), [x], node.output[0], kind="linear", name=name, op=node.op_type)
 
     def _op_Conv(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         x = self._act(node, 0)
@@ -551,33 +569,19 @@ class _OnnxTranslator:
         strides = tuple(attrs.get("strides", (1, 1)))
         dilations = tuple(attrs.get("dilations", (1, 1)))
         groups = int(attrs.get("group", 1))
-        pads = self._pads(node, attrs, kernel, strides, dilations)
-        (top, left, bottom, right) = pads
-        src = x
-        if (top, left) != (bottom, right):
-            pad_out = f"{node.output[0]}::pad"
-            self.builder.add(nn.ZeroPad2d((left, right, top, bottom)), [x], pad_out, kind="pad", op=node.op_type)
-            src, padding = pad_out, (0, 0)
-        else:
-            padding = (top, left)
-        in_channels = w.shape[1] * groups
-        layer = nn.utils.skip_init(
-            nn.Conv2d,
-            in_channels,
-            w.shape[0],
-            kernel,
+        add_conv2d(
+            self.builder,
+            x,
+            node.output[0],
+            _float_tensor(w),
+            None if b is None else _float_tensor(b),
             stride=strides,
-            padding=padding,
+            pads=self._pads(node, attrs, kernel, strides, dilations),
             dilation=dilations,
             groups=groups,
-            bias=b is not None,
+            op=node.op_type,
+            name=self._layer_name(node.input[1]),
         )
-        with torch.no_grad():
-            layer.weight.copy_(_float_tensor(w))
-            if b is not None:
-                layer.bias.copy_(_float_tensor(b).reshape(-1))
-        name = self._layer_name(node.input[1])
-        self.builder.add(layer, [src], node.output[0], kind="conv", name=name, op=node.op_type)
 
     def _pads(
         self,
@@ -599,31 +603,24 @@ class _OnnxTranslator:
         if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
             raise _fail_op(node, f"auto_pad={auto_pad} is not supported")
         spatial = self.builder.shape(node.input[0])[1:]
-        begin, end = [], []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small = total // 2
-            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-        return (begin[0], begin[1], end[0], end[1])
+        return same_pads(spatial, kernel, strides, dilations, upper=auto_pad == "SAME_UPPER")
 
     def _op_BatchNormalization(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         x = self._act(node, 0)
         training = attrs.get("training_mode", 0) or not attrs.get("is_test", 1)
         if training or any(o for o in node.output[1:]):
             raise _fail_op(node, "only inference-mode batch normalisation is supported")
-        gamma, beta, mean, var = (self._const(node, i, n).astype(np.float64) for i, n in
+        gamma, beta, mean, var = (torch.tensor(self._const(node, i, n), dtype=torch.float64) for i, n in
                                   ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))  # fmt: skip
-        eps = float(attrs.get("epsilon", 1e-5))
-        scale = gamma / np.sqrt(var + eps)
-        shift = beta - mean * scale
-        rank = len(self.builder.shape(x))
-        view = (-1,) + (1,) * (rank - 1)
-        self.builder.affine(
+        add_batch_norm(
+            self.builder,
             x,
             node.output[0],
-            _float_tensor(scale).reshape(view),
-            _float_tensor(shift).reshape(view),
+            mean=mean,
+            var=var,
+            eps=float(attrs.get("epsilon", 1e-5)),
+            weight=gamma,
+            bias=beta,
             op=node.op_type,
             name="batchnorm",
         )
@@ -633,30 +630,11 @@ class _OnnxTranslator:
     def _activation(self, node: onnx.NodeProto, module: nn.Module, kind: str) -> None:
         self.builder.add(module, [self._act(node, 0)], node.output[0], kind=kind, op=node.op_type)
 
-    def _op_Relu(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        self._activation(node, nn.ReLU(), "relu")
+    def _op_activation(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        kind, params = _ACTIVATIONS[node.op_type]
+        self._activation(node, activation_module(kind, **params(attrs)), kind)
 
-    def _op_LeakyRelu(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        self._activation(node, nn.LeakyReLU(float(attrs.get("alpha", 0.01))), "leaky_relu")
-
-    def _op_Tanh(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        self._activation(node, nn.Tanh(), "tanh")
-
-    def _op_Sigmoid(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        self._activation(node, nn.Sigmoid(), "sigmoid")
-
-    def _op_Elu(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        self._activation(node, nn.ELU(float(attrs.get("alpha", 1.0))), "elu")
-
-    def _op_Softplus(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        # ONNX Softplus has no threshold; torch's switches to the identity above it.
-        self._activation(node, nn.Softplus(beta=1.0, threshold=float("inf")), "softplus")
-
-    def _op_Gelu(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        approximate = attrs.get("approximate", "none")
-        if approximate not in ("none", "tanh"):
-            raise _fail_op(node, f"approximate={approximate!r} is not supported")
-        self._activation(node, nn.GELU(approximate=approximate), "gelu")
+    _op_Relu = _op_LeakyRelu = _op_Tanh = _op_Sigmoid = _op_Elu = _op_Softplus = _op_Gelu = _op_activation
 
     def _op_Clip(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         if self.opset < 11:
@@ -665,14 +643,8 @@ class _OnnxTranslator:
             lo, hi = self._opt_const(node, 1), self._opt_const(node, 2)
             low = -math.inf if lo is None else float(lo)
             high = math.inf if hi is None else float(hi)
-        if low == 0.0 and high == math.inf:
-            self._activation(node, nn.ReLU(), "relu")
-        elif low == 0.0 and high == 6.0:
-            self._activation(node, nn.ReLU6(), "relu6")
-        elif low < high:
-            self._activation(node, nn.Hardtanh(low, high), "hardtanh")
-        else:
-            raise _fail_op(node, f"empty clip range [{low}, {high}]")
+        module = clamp_module(low, high)
+        self._activation(node, module, type(module).__name__.lower())
 
     def _op_Greater(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         x = self._act(node, 0)
@@ -761,9 +733,7 @@ class _OnnxTranslator:
                 self.builder.alias(x, node.output[0])
                 return
             raise _fail_op(node, "reducing over all axes would mix the batch")
-        dims = sorted({a % rank for a in axes})
-        if 0 in dims:
-            raise _fail_op(node, "reducing over the batch axis is not supported")
+        dims = example_dims(axes, rank)
         if rank == 4 and dims == [2, 3]:
             if keepdims:
                 self.builder.add(nn.AdaptiveAvgPool2d(1), [x], node.output[0], kind="avgpool", op=node.op_type)
@@ -857,39 +827,13 @@ class _OnnxTranslator:
     # -- arithmetic ---------------------------------------------------------------------------------
 
     def _op_Add(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        self._arithmetic(node)
+        operands: list[str | Tensor] = []
+        for name in node.input:
+            kind = self._kind(name)
+            if kind not in ("act", "const"):
+                raise _fail_op(node, "operands must be activations or constants, not shape values")
+            operands.append(name if kind == "act" else _float_tensor(self.consts[name]))
+        op = node.op_type
+        add_arithmetic(self.builder, _ARITHMETIC[op], *operands, node.output[0], op=op, name=op.lower())
 
     _op_Sub = _op_Mul = _op_Div = _op_Add
-
-    def _arithmetic(self, node: onnx.NodeProto) -> None:
-        op = node.op_type
-        a, b = node.input
-        ka, kb = self._kind(a), self._kind(b)
-        builder = self.builder
-        if ka == "act" and kb == "act":
-            if op != "Add":
-                raise _fail_op(node, f"{op} of two activations is not supported")
-            if builder.shape(a) != builder.shape(b):
-                raise _fail_op(node, f"shapes {builder.shape(a)} and {builder.shape(b)} differ")
-            builder.add(Add(), [a, b], node.output[0], kind="add", op=op)
-            return
-        if "sym" in (ka, kb):
-            raise _fail_op(node, "arithmetic on shape values is not supported")
-        x, c, const_first = (a, self.consts[b], False) if ka == "act" else (b, self.consts[a], True)
-        shape = builder.shape(x)
-        t = _float_tensor(c)
-        if t.dim() == len(shape) + 1:
-            if t.shape[0] != 1:
-                raise _fail_op(node, "a constant with a batch dimension is not supported")
-            t = t[0]
-        if op == "Add":
-            scale, shift = None, t
-        elif op == "Sub":
-            scale, shift = (-torch.ones(()), t) if const_first else (None, -t)
-        elif op == "Mul":
-            scale, shift = t, None
-        elif const_first:
-            raise _fail_op(node, "dividing a constant by an activation is not supported")
-        else:
-            scale, shift = 1.0 / t, None
-        builder.affine(x, node.output[0], scale, shift, op=op, name=op.lower())

@@ -33,7 +33,18 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ModelImportError
-from .modules import Add, Mean
+from .modules import Mean
+from .ops import (
+    OpRefused,
+    activation_module,
+    add_arithmetic,
+    add_batch_norm,
+    add_conv2d,
+    check_class_axis,
+    example_dims,
+    linear_layer,
+    same_pads,
+)
 from .program import (
     MAX_ACTIVATION_ELEMENTS,
     ProgramBuilder,
@@ -56,19 +67,31 @@ _FINAL_ACTIVATIONS = {
 _MEMORY_FORMATS = {1: torch.contiguous_format, 2: torch.channels_last, 4: torch.preserve_format}
 _FLOAT_INPUTS = (torch.float32, torch.float64)
 
+#: aten activations: the shared activation kind and the schema arguments that are its parameters.
+_ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "relu.default": ("relu", ()),
+    "relu6.default": ("relu6", ()),
+    "hardtanh.default": ("hardtanh", ("min_val", "max_val")),
+    "leaky_relu.default": ("leaky_relu", ("negative_slope",)),
+    "tanh.default": ("tanh", ()),
+    "sigmoid.default": ("sigmoid", ()),
+    "silu.default": ("silu", ()),
+    "elu.default": ("elu", ("alpha", "scale", "input_scale")),
+    "softplus.default": ("softplus", ("beta", "threshold")),
+    "gelu.default": ("gelu", ("approximate",)),
+}
+_ARITHMETIC = {f"{kind}.{overload}": kind for kind in ("add", "sub", "mul", "div") for overload in ("Tensor", "Scalar")}
+
 SUPPORTED_OPS: frozenset[str] = frozenset(
     {
-        "linear.default", "addmm.default", "mm.default", "matmul.default", "conv2d.default",
-        "conv2d.padding", "convolution.default", "relu.default", "relu6.default", "hardtanh.default",
-        "leaky_relu.default", "tanh.default", "sigmoid.default", "elu.default", "softplus.default",
-        "gelu.default", "silu.default", "view.default", "reshape.default", "_unsafe_view.default",
-        "flatten.using_ints", "squeeze.dim", "squeeze.dims", "unsqueeze.default", "sym_size.int",
-        "max_pool2d.default", "max_pool2d_with_indices.default", "avg_pool2d.default",
-        "adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default", "mean.dim", "batch_norm.default",
-        "_native_batch_norm_legit_no_training.default", "add.Tensor", "sub.Tensor", "mul.Tensor",
-        "div.Tensor", "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "dropout.default",
-        "clone.default", "alias.default", "detach.default", "permute.default", "t.default",
-        "transpose.int", "softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default",
+        *_ACTIVATIONS, *_ARITHMETIC, *_FINAL_ACTIVATIONS, "linear.default", "addmm.default", "mm.default",
+        "matmul.default", "conv2d.default", "conv2d.padding", "convolution.default", "constant_pad_nd.default",
+        "view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints", "squeeze.dim",
+        "squeeze.dims", "unsqueeze.default", "sym_size.int", "max_pool2d.default",
+        "max_pool2d_with_indices.default", "avg_pool2d.default", "adaptive_avg_pool2d.default",
+        "_adaptive_avg_pool2d.default", "mean.dim", "batch_norm.default",
+        "_native_batch_norm_legit_no_training.default", "dropout.default", "clone.default", "alias.default",
+        "detach.default", "permute.default", "t.default", "transpose.int",
     }
 )  # fmt: skip
 _CONSTANT_ONLY = {"permute.default", "t.default", "transpose.int"}
@@ -102,8 +125,8 @@ def _aten(op: str) -> Any:
     return getattr(getattr(torch.ops.aten, name), overload)
 
 
-def _fail_op(node: _Node, reason: str) -> ModelImportError:
-    return ModelImportError("unsupported_op", f"aten.{node.op}: {reason}", {"op": f"aten.{node.op}", "reason": reason})
+def _fail_op(node: _Node, reason: str, code: str = "unsupported_op", **detail: Any) -> ModelImportError:
+    return ModelImportError(code, f"aten.{node.op}: {reason}", {"op": f"aten.{node.op}", "reason": reason, **detail})
 
 
 def translate_pt2(data: bytes, input_shape: Sequence[int] | None, *, max_bytes: int) -> Translation:
@@ -299,9 +322,10 @@ class _Pt2Translator:
             if node is not skipped:
                 self._translate_node(node)
         if skipped is not None and activation != "sigmoid":
-            dim = self._bind(skipped)["dim"]
-            if dim not in (1, -1):
-                raise _fail_op(skipped, "the final softmax must act on the class dimension")
+            try:
+                check_class_axis(self._bind(skipped)["dim"], "softmax")
+            except OpRefused as refusal:
+                raise _fail_op(skipped, refusal.reason) from None
         return finish_translation(
             self.builder,
             logits_name,
@@ -440,10 +464,18 @@ class _Pt2Translator:
             return
         if node.op in _CONSTANT_ONLY:
             raise _fail_op(node, "only supported on constants (weights)")
-        handler = getattr(self, "_op_" + node.op.split(".")[0].lstrip("_"), None)
+        if node.op in _ACTIVATIONS:
+            handler = self._activation
+        elif node.op in _ARITHMETIC:
+            handler = self._arithmetic
+        else:
+            handler = getattr(self, "_op_" + node.op.split(".")[0].lstrip("_"), None)
         if handler is None:
             raise _fail_op(node, "only supported as the model's last operator or on constants")
-        handler(node, self._bind(node))
+        try:
+            handler(node, self._bind(node))
+        except OpRefused as refusal:
+            raise _fail_op(node, refusal.reason, refusal.code, **refusal.detail) from None
 
     def _fold_constant(self, node: _Node) -> None:
         """Evaluate a node whose inputs are all constants (weight transposes, ...) with its aten operator."""
@@ -484,16 +516,7 @@ class _Pt2Translator:
     # -- layers -------------------------------------------------------------------------------------
 
     def _add_linear(self, node: _Node, x: str, weight: Tensor, bias: Tensor | None, name: str | None) -> None:
-        if weight.dim() != 2:
-            raise _fail_op(node, "the weight must be 2-D")
-        out_features, in_features = weight.shape
-        layer = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(weight.float())
-            if bias is not None:
-                if bias.numel() not in (1, out_features) or (bias.dim() == 2 and bias.shape[0] != 1):
-                    raise _fail_op(node, f"bias of shape {tuple(bias.shape)} is not per output feature")
-                layer.bias.copy_(bias.float().reshape(-1).expand(out_features))
+        layer = linear_layer(weight, bias)
         self.builder.add(layer, [x], node.outputs[0], kind="linear", name=name, op=f"aten.{node.op}")
 
     def _op_linear(self, node: _Node, a: dict[str, Any]) -> None:
@@ -534,74 +557,52 @@ class _Pt2Translator:
             raise _fail_op(node, "transposed convolutions are not supported")
         if weight.dim() != 4 or len(self.builder.shape(x)) != 3:
             raise _fail_op(node, "only 2-D convolutions (NCHW input, 4-D weight) are supported")
+        stride, dilation = _pair(node, a["stride"]), _pair(node, a["dilation"])
         padding = a["padding"]
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise _fail_op(node, f"padding={padding!r} is not supported")
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            # torch pads (k - 1) d in total per axis, the odd pixel at the end: symmetric for odd kernels
+            if stride != (1, 1):
+                raise _fail_op(node, "padding='same' needs stride 1")
+            pads = same_pads(self.builder.shape(x)[1:], weight.shape[2:], stride, dilation, upper=True)
+        elif isinstance(padding, str):
+            raise _fail_op(node, f"padding={padding!r} is not supported")
         else:
-            padding = _pair(node, padding)
-        groups = int(a["groups"])
-        layer = nn.utils.skip_init(
-            nn.Conv2d,
-            weight.shape[1] * groups,
-            weight.shape[0],
-            tuple(weight.shape[2:]),
-            stride=_pair(node, a["stride"]),
-            padding=padding,
-            dilation=_pair(node, a["dilation"]),
-            groups=groups,
-            bias=bias is not None,
+            top, left = _pair(node, padding)
+            pads = (top, left, top, left)
+        add_conv2d(
+            self.builder,
+            x,
+            node.outputs[0],
+            weight,
+            bias,
+            stride=stride,
+            pads=pads,
+            dilation=dilation,
+            groups=int(a["groups"]),
+            op=f"aten.{node.op}",
+            name=self._name(node, a["weight"]),
         )
-        with torch.no_grad():
-            layer.weight.copy_(weight.float())
-            if bias is not None:
-                layer.bias.copy_(bias.float().reshape(-1))
-        self.builder.add(
-            layer, [x], node.outputs[0], kind="conv", name=self._name(node, a["weight"]), op=f"aten.{node.op}"
-        )
+
+    def _op_constant_pad_nd(self, node: _Node, a: dict[str, Any]) -> None:
+        x = self._spatial_input(node, a["self"])
+        pad = a["pad"]
+        if not (isinstance(pad, list) and len(pad) in (2, 4) and all(isinstance(p, int) and p >= 0 for p in pad)):
+            raise _fail_op(node, f"only non-negative padding of the last two dimensions is supported, got {pad!r}")
+        if float(a["value"]) != 0.0:
+            raise _fail_op(node, "only zero padding is supported")
+        left, right, top, bottom = (*pad, 0, 0) if len(pad) == 2 else pad
+        pad_module = nn.ZeroPad2d((left, right, top, bottom))
+        self.builder.add(pad_module, [x], node.outputs[0], kind="pad", name=node.module_path, op=f"aten.{node.op}")
 
     # -- activations --------------------------------------------------------------------------------
 
-    def _activation(self, node: _Node, a: dict[str, Any], module: nn.Module, kind: str) -> None:
+    def _activation(self, node: _Node, a: dict[str, Any]) -> None:
         x = self._act(node, a["self"])
+        kind, params = _ACTIVATIONS[node.op]
+        module = activation_module(kind, **{p: a[p] for p in params})
         self.builder.add(module, [x], node.outputs[0], kind=kind, name=node.module_path, op=f"aten.{node.op}")
-
-    def _op_relu(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.ReLU(), "relu")
-
-    def _op_relu6(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.ReLU6(), "relu6")
-
-    def _op_hardtanh(self, node: _Node, a: dict[str, Any]) -> None:
-        low, high = float(a["min_val"]), float(a["max_val"])
-        if not low < high:
-            raise _fail_op(node, f"empty range [{low}, {high}]")
-        self._activation(node, a, nn.Hardtanh(low, high), "hardtanh")
-
-    def _op_leaky_relu(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.LeakyReLU(float(a["negative_slope"])), "leaky_relu")
-
-    def _op_tanh(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.Tanh(), "tanh")
-
-    def _op_sigmoid(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.Sigmoid(), "sigmoid")
-
-    def _op_silu(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.SiLU(), "silu")
-
-    def _op_elu(self, node: _Node, a: dict[str, Any]) -> None:
-        if float(a["scale"]) != 1.0 or float(a["input_scale"]) != 1.0:
-            raise _fail_op(node, "only ELU with scale=1 and input_scale=1 is supported")
-        self._activation(node, a, nn.ELU(float(a["alpha"])), "elu")
-
-    def _op_softplus(self, node: _Node, a: dict[str, Any]) -> None:
-        self._activation(node, a, nn.Softplus(float(a["beta"]), float(a["threshold"])), "softplus")
-
-    def _op_gelu(self, node: _Node, a: dict[str, Any]) -> None:
-        if a["approximate"] not in ("none", "tanh"):
-            raise _fail_op(node, f"approximate={a['approximate']!r} is not supported")
-        self._activation(node, a, nn.GELU(approximate=a["approximate"]), "gelu")
 
     def _op_softmax(self, node: _Node, a: dict[str, Any]) -> None:
         raise _fail_op(node, "softmax is only supported as the model's last operator")
@@ -722,10 +723,7 @@ class _Pt2Translator:
         rank = len(shape) + 1
         if a["dim"] is None or a["dtype"] is not None:
             raise _fail_op(node, "only a mean over given dimensions without dtype is supported")
-        dims = sorted({int(d) % rank for d in a["dim"]})
-        if not dims or 0 in dims:
-            raise _fail_op(node, "averaging over the batch dimension is not supported")
-        module = Mean(dims, bool(a["keepdim"]))
+        module = Mean(example_dims(a["dim"], rank), bool(a["keepdim"]))
         self.builder.add(module, [x], node.outputs[0], kind="mean", name=node.module_path, op=f"aten.{node.op}")
 
     # -- normalisation and arithmetic ---------------------------------------------------------------
@@ -738,74 +736,44 @@ class _Pt2Translator:
         x = self._act(node, a["input"])
         mean = self._const(node, a["running_mean"], "running_mean")
         var = self._const(node, a["running_var"], "running_var")
-        weight = self._const(node, a["weight"], "weight", optional=True)
-        bias = self._const(node, a["bias"], "bias", optional=True)
-        scale = 1.0 / torch.sqrt(var.double() + float(a["eps"]))
-        if weight is not None:
-            scale = scale * weight.double()
-        shift = -mean.double() * scale
-        if bias is not None:
-            shift = shift + bias.double()
-        view = (-1,) + (1,) * (len(self.builder.shape(x)) - 1)
-        self.builder.affine(
+        add_batch_norm(
+            self.builder,
             x,
             node.outputs[0],
-            scale.float().reshape(view),
-            shift.float().reshape(view),
+            mean=mean,
+            var=var,
+            eps=float(a["eps"]),
+            weight=self._const(node, a["weight"], "weight", optional=True),
+            bias=self._const(node, a["bias"], "bias", optional=True),
             op=f"aten.{node.op}",
             name=node.module_path,
         )
 
     _op_native_batch_norm_legit_no_training = _op_batch_norm
 
-    def _op_add(self, node: _Node, a: dict[str, Any]) -> None:
-        self._arithmetic(node, a, node.op.split(".")[0])
-
-    _op_sub = _op_mul = _op_div = _op_add
-
-    def _arithmetic(self, node: _Node, a: dict[str, Any], op: str) -> None:
-        first, second = a["self"], a["other"]
-        alpha = a.get("alpha", 1)
+    def _arithmetic(self, node: _Node, a: dict[str, Any]) -> None:
         if a.get("rounding_mode") is not None:
             raise _fail_op(node, "rounding division is not supported")
-        k1, k2 = self._kind(first), self._kind(second)
-        builder = self.builder
-        if k1 == "act" and k2 == "act":
-            if op != "add" or alpha != 1:
-                raise _fail_op(node, "only the sum of two activations is supported")
-            if builder.shape(first.name) != builder.shape(second.name):
-                raise _fail_op(node, f"shapes {builder.shape(first.name)} and {builder.shape(second.name)} differ")
-            builder.add(Add(), [first.name, second.name], node.outputs[0], kind="add", op=f"aten.{node.op}")
-            return
-        const_first = k1 != "act"
-        x, other, other_kind = (second, first, k1) if const_first else (first, second, k2)
-        x_name = self._act(node, x)
-        if other_kind == "const":
-            c = self.consts[other.name].float()
-        elif other_kind == "number":
-            c = torch.tensor(float(other))
-        else:
-            raise _fail_op(node, "the other operand must be a constant")
-        shape = builder.shape(x_name)
-        if c.dim() == len(shape) + 1:
-            if c.shape[0] != 1:
-                raise _fail_op(node, "a constant with a batch dimension is not supported")
-            c = c[0]
-        alpha = float(alpha)
-        if op in ("add", "sub"):  # first + alpha * second, or first - alpha * second
-            sign = 1.0 if op == "add" else -1.0
-            if const_first:
-                scale = None if sign * alpha == 1.0 else torch.tensor(sign * alpha)
-                shift = c
+        operands: list[str | Tensor] = []
+        for value in (a["self"], a["other"]):
+            kind = self._kind(value)
+            if kind == "act":
+                operands.append(value.name)
+            elif kind == "const":
+                operands.append(self.consts[value.name].float())
+            elif kind == "number":
+                operands.append(torch.tensor(float(value)))
             else:
-                scale, shift = None, sign * alpha * c
-        elif op == "mul":
-            scale, shift = c, None
-        elif const_first:
-            raise _fail_op(node, "dividing a constant by an activation is not supported")
-        else:
-            scale, shift = 1.0 / c, None
-        builder.affine(x_name, node.outputs[0], scale, shift, op=f"aten.{node.op}", name=node.module_path)
+                raise _fail_op(node, "the other operand must be a constant")
+        add_arithmetic(
+            self.builder,
+            _ARITHMETIC[node.op],
+            *operands,
+            node.outputs[0],
+            alpha=a.get("alpha", 1),
+            op=f"aten.{node.op}",
+            name=node.module_path,
+        )
 
     # -- reference ----------------------------------------------------------------------------------
 
