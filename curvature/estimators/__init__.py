@@ -11,7 +11,7 @@ from ..layers import find_layers
 from ..likelihoods import Likelihood
 from ..options import Curvature
 from .backward import backprop_vectors, fit_diagonal, fit_kronecker_backward, record_layers
-from .common import Data, DiagonalFactors, KroneckerFactors, LayerFactors, Progress, iterate_batches
+from .common import Data, DiagonalFactors, KroneckerFactors, LayerFactors, Progress, iterate_batches, merge_factors
 from .exact import (
     block_slices,
     exact_curvature,
@@ -98,6 +98,7 @@ __all__ = [
     "ggn_vector_product",
     "iterate_batches",
     "layer_matrices",
+    "merge_factors",
     "record_layers",
     "unflatten_vector",
 ]

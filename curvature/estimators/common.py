@@ -114,3 +114,42 @@ def gram(x: Tensor, block: int = 256) -> Tensor:
         out[rows, edges[i] :] = strip
         out[edges[i + 1] :, rows] = strip[:, edges[i + 1] - edges[i] :].T
     return out
+
+
+def merge_factors(parts: Iterable[KroneckerFactors | DiagonalFactors]) -> KroneckerFactors | DiagonalFactors:
+    """Factors over the union of disjoint data shards, from each shard's factors.
+
+    Kronecker factors and diagonals are data averages, so the sums ``n_s · F_s`` add across shards:
+    ``F = Σ_s n_s F_s / Σ_s n_s`` (``n_s`` = ``n_data`` of shard ``s``). This is exact for KFLR, KFAC, random
+    projections and diagonals (up to float round-off in the summation order); KFRA's ``G`` multiplies averages
+    in its recursion (thesis eq. 4.7), so KFRA factors do not merge and are refused.
+
+    Args:
+        parts: Factors of every shard, all of one kind (Kronecker or diagonal), method and layer set.
+
+    Raises:
+        ValueError: No parts, mixed kinds, methods or layers, or KFRA factors.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_factors needs at least one part.")
+    first = parts[0]
+    if any(type(p) is not type(first) or p.method != first.method or list(p) != list(first) for p in parts):
+        raise ValueError("merge_factors needs parts of one kind, method and layer set.")
+    if isinstance(first, KroneckerFactors) and first.method == "kfra":
+        raise ValueError("KFRA factors do not merge across shards: its G recursion multiplies data averages.")
+    n = sum(p.n_data for p in parts)
+    if n <= 0:
+        raise ValueError("merge_factors needs parts with data.")
+
+    def weighted(get: Callable[[KroneckerFactors | DiagonalFactors], Tensor]) -> Tensor:
+        total = sum(get(p) * p.n_data for p in parts)
+        return total / n
+
+    if isinstance(first, KroneckerFactors):
+        layers = {
+            name: LayerFactors(A=weighted(lambda p, k=name: p[k].A), G=weighted(lambda p, k=name: p[k].G))
+            for name in first
+        }
+        return KroneckerFactors(layers, n_data=n, method=first.method)
+    return DiagonalFactors({name: weighted(lambda p, k=name: p[k]) for name in first}, n_data=n, method=first.method)
