@@ -28,6 +28,7 @@ from .estimators import (
     fit_diagonal,
     fit_kronecker,
     ggn_vector_product,
+    merge_factors,
 )
 from .kron import FactoredPrecision, KronEigen, factored_damping, kron_matvec, sym_eigh, trace_norm_omega
 from .laplace import CURVATURES, LaplaceConfig, fit_laplace
@@ -101,6 +102,7 @@ __all__ = [
     "ggn_vector_product",
     "kron_matvec",
     "likelihood_from_name",
+    "merge_factors",
     "register_handler",
     "sym_eigh",
     "trace_norm_omega",
