@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .estimators import fit_diagonal, fit_kronecker
+from .estimators import DiagonalFactors, KroneckerFactors, fit_diagonal, fit_kronecker
 from .layers import find_layers
 from .likelihoods import CrossEntropy, Gaussian
 from .ood import calibrate_ood
@@ -91,6 +91,7 @@ def fit_laplace(
     y_val: Tensor | None = None,
     config: LaplaceConfig | None = None,
     progress: Callable[[float, str], None] | None = None,
+    factors: KroneckerFactors | DiagonalFactors | None = None,
 ) -> LaplacePosterior:
     """Fit curvature, build the posterior, tune ``(N_eff, τ)``, calibrate the OOD threshold.
 
@@ -100,6 +101,10 @@ def fit_laplace(
         x_val, y_val: optional validation split, used for tuning and OOD calibration.
         config: :class:`LaplaceConfig`.
         progress: ``callable(fraction, message)``.
+        factors: curvature already fitted on ``(x_train, y_train)`` with ``config``'s curvature (e.g. shards'
+            factors combined by :func:`~curvature.estimators.common.merge_factors`); the fit then starts at
+            the posterior. The training data still serves the input-norm bound, marginal-likelihood tuning
+            and, without a validation split, OOD calibration.
     """
     cfg = config or LaplaceConfig()
     report = progress or (lambda f, m: None)
@@ -125,7 +130,10 @@ def fit_laplace(
         report(0.05 + 0.6 * f, f"fitting {cfg.curvature} curvature ({msg})")
 
     report(0.0, "starting")
-    if cfg.curvature == "diag":
+    if factors is not None:
+        if factors.method != ("ggn" if cfg.curvature == "diag" else cfg.curvature):
+            raise ValueError(f"factors of method {factors.method!r} do not match curvature {cfg.curvature!r}.")
+    elif cfg.curvature == "diag":
         factors = fit_diagonal(
             model,
             (x_train, y_train),
