@@ -75,7 +75,7 @@ def grid_for(row: str, bench: str) -> tuple[float, ...]:
     return SI_GRID[bench] if row == "si" else LAPLACE_GRID[bench]
 
 
-def run_one(row: str, strength: float, tasks, args) -> dict:
+def run_one(row: str, strength: float, tasks, epochs: int, args) -> dict:
     """One sequence of tasks; the validation and test accuracy matrices."""
     method, curvature = ROWS[row]
     cfg = ContinualConfig(
@@ -83,7 +83,7 @@ def run_one(row: str, strength: float, tasks, args) -> dict:
         curvature=curvature,
         strength=strength,
         prior_precision=args.prior_precision,
-        epochs=args.epochs,
+        epochs=epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -106,13 +106,19 @@ def run_one(row: str, strength: float, tasks, args) -> dict:
 def run_bench(bench: str, tasks, rows: list[str], args) -> dict:
     out = {}
     for row in rows:
-        runs = []
+        runs, worse = [], 0
         for strength in grid_for(row, bench) if not args.strength else (args.strength,):
+            if args.patience and worse >= args.patience:
+                log(f"{bench} {row}: validation accuracy fell {worse} times in a row; larger strengths skipped")
+                break
             try:
-                res = run_one(row, strength, tasks, args)
+                res = run_one(row, strength, tasks, args.disjoint_epochs if bench == "disjoint" else args.epochs, args)
             except FloatingPointError as exc:
                 log(f"{bench} {row} strength={strength:g}: diverged ({exc})")
+                worse += 1
                 continue
+            best_so_far = max((r["val_final_avg_acc"] for r in runs), default=-1.0)
+            worse = worse + 1 if res["val_final_avg_acc"] < best_so_far else 0
             runs.append(res)
             log(
                 f"{bench} {row} strength={strength:g}: val {res['val_final_avg_acc']:.4f}, test "
@@ -165,7 +171,8 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Online Laplace: permuted and disjoint MNIST-5k",
         "",
-        f"784-100-100-10 ReLU MLP; Adam lr {m['lr']:g}, {m['epochs']} epochs of batch {m['batch_size']} per task for "
+        f"784-100-100-10 ReLU MLP; Adam lr {m['lr']:g}, batch {m['batch_size']}, {m['epochs']} epochs per task on "
+        f"permuted and {m['disjoint_epochs']} on disjoint MNIST, the same for "
         f"every method; prior precision τ = {m['prior_precision']:g}; KF = KFLR, diag = exact GGN diagonal. "
         "Strength (λ, or c for SI) chosen by the mean validation accuracy over all tasks after the last task; "
         f"test accuracy reported. {m['device']}, torch {m['torch']}, seed {m['seed']}, {m['seconds']:.0f} s in total.",
@@ -244,7 +251,8 @@ def figure(payload: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=10, help="permuted MNIST tasks")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per task on permuted MNIST")
+    parser.add_argument("--disjoint-epochs", type=int, default=20, help="epochs per task on disjoint MNIST")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--prior-precision", type=float, default=1.0)
@@ -253,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
     parser.add_argument("--benchmarks", default="permuted,disjoint")
     parser.add_argument("--strength", type=float, default=None, help="one strength for every row (no grid)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=2,
+        help="stop a row's grid (ascending) once validation accuracy fell below its best this many times in a row; 0: never",
+    )
     parser.add_argument("--quick", action="store_true", help="3 tasks, 2 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
-        args.tasks, args.epochs = 3, 2
+        args.tasks, args.epochs, args.disjoint_epochs = 3, 2, 2
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -274,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.online " + " ".join(sys.argv[1:] if argv is None else argv),
             "tasks": args.tasks,
             "epochs": args.epochs,
+            "disjoint_epochs": args.disjoint_epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
             "prior_precision": args.prior_precision,

@@ -376,6 +376,8 @@ class ContinualLearner:
 
     def si_penalty(self, weights: dict[str, Tensor] | None = None) -> Tensor:
         """SI's surrogate ``c Σ_k Ω_k (θ_k − θ̃_k)²`` (zero before the first task and for other methods)."""
+        if not self.si_omega:
+            return torch.zeros((), dtype=self.layers[0].module.weight.dtype, device=self.layers[0].module.weight.device)
         weights = self.weights() if weights is None else weights
         total = weights[self.layers[0].name].new_zeros(())
         for name, omega in self.si_omega.items():
