@@ -2,7 +2,9 @@
 
 :func:`install_error_handlers` turns domain errors (:mod:`app.domain.errors`), request-validation errors,
 model-import errors and framework HTTP errors into the single JSON shape
-``{"error": {"code": ..., "message": ..., "detail": ...}}``.
+``{"error": {"code": ..., "message": ..., "detail": ...}}``. A Redis outage met anywhere in a request
+(a ``redis.RedisError`` or the broker's connection error) becomes one
+:class:`~app.domain.errors.ServiceUnavailable`: 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import dramatiq.errors
+import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.domain.errors import ServiceError
+from app.domain.errors import ServiceError, ServiceUnavailable
 from app.domain.modelio import ModelImportError
 
 logger = logging.getLogger(__name__)
@@ -68,13 +72,43 @@ def import_error_status(code: str) -> int:
     return _IMPORT_STATUS.get(code, 422)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Registers the exception handlers that implement the error mapping on ``app``."""
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, dramatiq.errors.BrokerConnectionError)
+"""Exceptions that mean Redis (job records, queue, cache) is unreachable."""
+
+
+def redis_unavailable(exc: BaseException, retry_after_s: int) -> ServiceUnavailable:
+    """The 503 error for a Redis outage met while serving a request."""
+    return ServiceUnavailable(
+        "the job store (Redis) is unreachable; retry later",
+        code="redis_unavailable",
+        detail={"cause": type(exc).__name__},
+        retry_after_s=retry_after_s,
+    )
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int = 5) -> None:
+    """Registers the exception handlers that implement the error mapping on ``app``.
+
+    Args:
+        app: The application.
+        retry_after_s: ``Retry-After`` of 503 answers to Redis outages.
+    """
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers: dict[str, str] | None = None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(exc, ServiceUnavailable):
+            headers = {"Retry-After": str(exc.retry_after_s or retry_after_s)}
         return error_response(exc.status, exc.code, exc.message, exc.detail, headers=headers)
+
+    async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("Redis unreachable during %s %s: %s", request.method, request.url.path, exc)
+        return await _service_error(request, redis_unavailable(exc, retry_after_s))
+
+    for error_type in REDIS_ERRORS:
+        app.add_exception_handler(error_type, _redis_error)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -25,15 +25,46 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
-        401: "Missing or unknown API key",
-        404: "Unknown id (or owned by another tenant)",
-        413: "Body or file too large",
-        422: "Invalid input",
-    }.items()
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Malformed body (unparseable JSON or multipart)",
+    401: "Missing or unknown API key",
+    403: "Not allowed: the service runs without API keys and answers loopback clients only",
+    404: "Unknown id (or owned by another tenant)",
+    409: "Conflicts with the current state",
+    413: "Body or file too large",
+    415: "Unsupported content type or file format",
+    422: "Invalid input",
+    501: "Not available in this version",
+    503: "Redis unreachable; retry after the Retry-After header's seconds",
 }
+"""What each error status means, for the OpenAPI document."""
+
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, each with the error envelope as its body.
+
+    Args:
+        statuses: The statuses.
+        descriptions: Route-specific descriptions by status, as ``s409="No fit yet"``.
+    """
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {
+            "model": ErrorResponse,
+            "description": descriptions.get(f"s{status}", ERROR_DESCRIPTIONS[status]),
+        }
+        if status == 503:
+            entry["headers"] = RETRY_AFTER_HEADER
+        out[status] = entry
+    return out
+
+
+ERROR_RESPONSES = error_responses(401, 404, 413, 422)
+
+MAX_SAMPLES = 1_000_000
+"""Ceiling of ``samples`` in the schema; the configured ``max_predict_samples`` applies below it."""
 
 
 class ModelOut(BaseModel):
@@ -105,6 +136,12 @@ class JobOut(BaseModel):
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     details: dict[str, Any] | None = Field(default=None, description="Kind-specific live fields (step, loss, ...).")
+    worker_lost: bool = Field(
+        default=False, description="The running job's worker stopped heart-beating; the job will be re-delivered."
+    )
+    worker: dict[str, Any] | None = Field(
+        default=None, description="Liveness of a running job's worker: id, alive, last_beat, retry_at (epoch s)."
+    )
     links: dict[str, str]
 
     @classmethod
@@ -118,6 +155,18 @@ class JobOut(BaseModel):
             **job.model_dump(mode="json", exclude={"tenant", "params"}),
             links=links,
         )
+
+
+class JobSubmitted(BaseModel):
+    """Answer of a job submission (202): the queued job and where to follow it."""
+
+    job: JobOut
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, job: JobRecord) -> JobSubmitted:
+        """Builds the answer from the new record."""
+        return cls(job=JobOut.of(job), links={"job": f"/v1/jobs/{job.id}"})
 
 
 class FitSubmitted(BaseModel):
@@ -189,10 +238,12 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[Any] = Field(description="Batch of inputs, e.g. [[0.0, 0.1, ...], ...].")
-    samples: int | None = Field(default=None, ge=1, description="MC samples (default: the fit's setting).")
+    samples: int | None = Field(
+        default=None, ge=1, le=MAX_SAMPLES, description="MC samples (default: the fit's setting)."
+    )
     predictive: Predictive | None = Field(default=None, description="mc or glm (default: the fit's setting).")
     ood_score: OodScore | None = Field(default=None, description="Score used for the OOD flag.")
-    fit: str | None = Field(default=None, description="Fit id (default: the model's newest fit).")
+    fit: str | None = Field(default=None, max_length=128, description="Fit id (default: the model's newest fit).")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed for reproducible sampling.")
 
 
@@ -201,10 +252,10 @@ class PredictOptionsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    samples: int | None = Field(default=None, ge=1)
+    samples: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
     predictive: Predictive | None = None
     ood_score: OodScore | None = None
-    fit: str | None = None
+    fit: str | None = Field(default=None, max_length=128)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 

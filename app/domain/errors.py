@@ -87,10 +87,16 @@ class NotImplementedYet(ServiceError):
 
 
 class ServiceUnavailable(ServiceError):
-    """A dependency (Redis, the store) is unreachable."""
+    """A dependency (Redis, the store) is unreachable; the client should retry after ``retry_after_s``."""
 
     status = 503
     code = "unavailable"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, detail: Any = None, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, code=code, detail=detail)
+        self.retry_after_s = retry_after_s
 
 
 class InternalError(ServiceError):

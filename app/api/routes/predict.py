@@ -4,6 +4,10 @@ The body is read and parsed here rather than by FastAPI's model binding: JSON ba
 C JSON parser straight into a numpy array (no per-float validation), and ``application/x-npy`` bodies (one
 float array, options in the query string) skip text parsing altogether. The schema in ``/docs`` is still
 :class:`~app.api.schemas.PredictRequest`.
+
+Nothing is allocated from what a body merely declares: a JSON body's nesting depth is checked before it is
+parsed, and an npy header's shape and dtype are checked against the bytes that follow it and the input
+limit before the array is viewed in place.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
+from numpy.lib import format as npy_format
 from pydantic import ValidationError
 
 from app.api.deps import ServicesDep, TenantDep
 from app.api.errors import validation_detail
+from app.api.limits import json_too_deep, too_deep_error
 from app.api.predictor import PredictOptions
-from app.api.schemas import ERROR_RESPONSES, PredictOptionsIn, PredictRequest, PredictResponse
+from app.api.schemas import MAX_SAMPLES, PredictOptionsIn, PredictRequest, PredictResponse, error_responses
 from app.api.services import Services
 from app.domain.catalog import FitRecord, ModelRecord
 from app.domain.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType
@@ -53,10 +59,10 @@ _REQUEST_DOC = {
             "description": "Only with an application/x-npy body.",
         }
         for n, s in (
-            ("samples", {"type": "integer", "minimum": 1}),
+            ("samples", {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES}),
             ("predictive", {"type": "string", "enum": [p.value for p in Predictive]}),
             ("ood_score", {"type": "string", "enum": [s.value for s in OodScore]}),
-            ("fit", {"type": "string"}),
+            ("fit", {"type": "string", "maxLength": 128}),
             ("seed", {"type": "integer", "minimum": 0, "maximum": MAX_SEED}),
         )
     ],
@@ -72,30 +78,69 @@ def _options(raw: dict[str, Any]) -> PredictOptionsIn:
         ) from exc
 
 
-def parse_body(content_type: str, body: bytes, query: dict[str, str]) -> tuple[np.ndarray, PredictOptionsIn]:
+def read_npy(body: bytes, max_inputs: int) -> np.ndarray:
+    """Views an ``.npy`` body as an array, after checking its header against the bytes and the input limit.
+
+    Only version 1.0 and 2.0 headers of plain numeric dtypes are read; the array is a view of ``body``.
+
+    Raises:
+        InvalidInput: Unreadable header, non-numeric dtype, a shape that disagrees with the byte count, or
+            more inputs than ``max_inputs``.
+    """
+    buf = io.BytesIO(body)
+    try:
+        version = npy_format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(buf)
+        else:
+            raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
+    except (ValueError, SyntaxError, EOFError, OSError) as exc:
+        raise InvalidInput(f"unreadable .npy body: {exc}", code="invalid_npy") from exc
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "fiub":
+        raise InvalidInput(f"the .npy array must hold plain numbers, not {dtype}", code="invalid_npy")
+    if shape and shape[0] > max_inputs:
+        raise InvalidInput(
+            f"{shape[0]} inputs in one request; the limit is {max_inputs}",
+            code="too_many_inputs",
+            detail={"limit": max_inputs},
+        )
+    count = math.prod(shape)
+    offset = buf.tell()
+    declared = count * dtype.itemsize
+    if declared != len(body) - offset:
+        raise InvalidInput(
+            f"the .npy header declares shape {list(shape)} of {dtype} ({declared} bytes) but {len(body) - offset}"
+            " bytes follow it",
+            code="invalid_npy",
+            detail={"shape": list(shape), "dtype": str(dtype), "declared_bytes": declared},
+        )
+    x = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    return x.reshape(shape, order="F" if fortran else "C")
+
+
+def parse_body(
+    content_type: str, body: bytes, query: dict[str, str], max_inputs: int = 2**31, max_depth: int = 32
+) -> tuple[np.ndarray, PredictOptionsIn]:
     """Decodes a predict body into the input batch and the options.
 
     Raises:
-        InvalidInput: Malformed JSON / npy, missing or non-numeric inputs, bad options.
+        InvalidInput: Malformed or too deeply nested JSON, malformed npy, missing or non-numeric inputs, bad
+            options.
         UnsupportedMediaType: Neither JSON nor npy.
     """
     if content_type in NPY_TYPES:
-        try:
-            x = np.load(io.BytesIO(body), allow_pickle=False)
-        except ValueError as exc:
-            raise InvalidInput(f"unreadable .npy body: {exc}", code="invalid_npy") from exc
-        except (OSError, EOFError) as exc:
-            raise InvalidInput("unreadable .npy body", code="invalid_npy") from exc
-        if not isinstance(x, np.ndarray):
-            raise InvalidInput("the body must be a single .npy array", code="invalid_npy")
-        return x, _options(query)
+        return read_npy(body, max_inputs), _options(query)
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"unsupported content type {content_type!r}; send application/json or application/x-npy"
         )
+    if json_too_deep(body, max_depth):
+        raise too_deep_error(max_depth)
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise InvalidInput(
@@ -144,6 +189,8 @@ def check_inputs(x: np.ndarray, input_shape: list[int], max_inputs: int) -> np.n
                 detail={"expected": list(expected), "got": list(x.shape[1:])},
             )
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if not x.flags.writeable:  # a view of the request body
+        x = x.copy()
     finite = np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
@@ -241,9 +288,9 @@ def build_response(
     openapi_extra=_REQUEST_DOC,
     responses={
         200: {"model": PredictResponse},
-        409: ERROR_RESPONSES[404],
-        415: ERROR_RESPONSES[422],
-        **ERROR_RESPONSES,
+        **error_responses(
+            400, 401, 403, 404, 409, 413, 415, 422, 503, s409="No fit yet: POST /v1/models/{id}/fits first"
+        ),
     },
 )
 async def predict(model_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
@@ -252,7 +299,9 @@ async def predict(model_id: str, request: Request, services: ServicesDep, tenant
     settings = services.settings
     content_type = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
     body = await request.body()
-    x, opts = parse_body(content_type, body, dict(request.query_params))
+    x, opts = parse_body(
+        content_type, body, dict(request.query_params), settings.max_predict_inputs, settings.max_json_depth
+    )
     model, fit = await services.predictors.resolve(
         (tenant, model_id, opts.fit),
         lambda: resolve_fit(services, tenant, model_id, opts.fit),
