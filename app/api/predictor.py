@@ -1,27 +1,36 @@
-"""Ready posteriors in the API process and micro-batching of concurrent predict requests.
+"""Ready posteriors in the API process and fair, micro-batched scheduling of predict requests.
 
 :class:`PredictorPool` keeps an LRU of :class:`Predictor` objects, each a deserialised
 ``cv.LaplacePosterior`` over its imported network, loaded from the Redis cache or else the artifact store
 (and put back in the cache). Loading happens once per fit even under concurrent first requests.
 
-:class:`MicroBatcher` merges concurrent requests with the same options into one ``post.predict`` call, as
-Triton's dynamic batcher and Ray Serve's ``@serve.batch`` do: the first request opens a batch, requests
-already waiting join it, and the batch waits up to ``max_wait`` for more until it holds ``max_batch``
-inputs (it waits only while requests have been arriving concurrently, so a lone client pays no delay).
-``post.predict`` runs on a small thread pool so the event loop keeps serving. While all threads are busy, new
-requests queue up and form the next, larger batch. Requests carrying an explicit ``seed``
-are never merged, so a seeded request returns the same numbers under any load.
+:class:`MicroBatcher` schedules the requests of one posterior onto a small thread pool
+(``predict_threads``) running ``post.predict``:
+
+- Cutting: a request costing more than ``predict_chunk_cost`` (inputs × MC samples) is cut into chunks of
+  that cost; its answer is assembled from the chunks in order.
+- Fair turns: requests with work left wait in one round-robin queue. Each free thread takes the next
+  request's next chunk, and a request with more left goes to the back, so a small request waits for at most
+  the chunks already running, never for a whole large request.
+- A free thread for small requests: with two or more threads, chunks of cut requests hold at most all but
+  one of them.
+- Micro-batching, as Triton's dynamic batcher and Ray Serve's ``@serve.batch`` do: a turn of a small
+  request also takes the other waiting small requests with the same options, up to the chunk size, and
+  waits up to ``max_wait`` for more (only while requests have been arriving concurrently, so a lone client
+  pays no delay). Requests carrying an explicit ``seed`` are never merged and are cut the same way under
+  any load, so a seeded request returns the same numbers under any load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 RESOLVE_TTL_S = 2.0
+SAMPLE_BANK_BYTES = 3 * 2**30
 
 
 class PredictOptions(NamedTuple):
@@ -51,17 +61,67 @@ class PredictOptions(NamedTuple):
 
 @dataclass(eq=False)
 class _Request:
+    """A request being served: rows are handed out in chunks, answers collected by first row."""
+
     x: torch.Tensor
     options: PredictOptions
     future: asyncio.Future[Outputs]
+    chunk_rows: int
+    next_row: int = 0
+    done_rows: int = 0
+    parts: dict[int, tuple[Outputs, int]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def left(self) -> int:
+        """Rows not handed out yet."""
+        return self.rows - self.next_row
+
+    @property
+    def cut(self) -> bool:
+        """Whether the request is served in more than one chunk."""
+        return self.rows > self.chunk_rows
+
+    @property
+    def mergeable(self) -> bool:
+        return self.options.seed is None and not self.cut
+
+    def take(self, rows: int) -> _Piece:
+        start = self.next_row
+        self.next_row = min(self.rows, start + rows)
+        return _Piece(self, start, self.next_row)
+
+    def collect(self, start: int, outputs: Outputs, rows: int) -> None:
+        self.parts[start] = (outputs, rows)
+        self.done_rows += rows
+        if self.done_rows < self.rows or self.future.done():
+            return
+        ordered = [self.parts[k] for k in sorted(self.parts)]
+        if len(ordered) == 1:
+            self.future.set_result(ordered[0][0])
+            return
+        merged: Outputs = {}
+        for key, first in ordered[0][0].items():
+            batch_first = all(part[key].ndim > 0 and part[key].shape[0] == n for part, n in ordered)
+            merged[key] = np.concatenate([part[key] for part, _ in ordered]) if batch_first else first
+        self.future.set_result(merged)
+
+
+class _Piece(NamedTuple):
+    request: _Request
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
 
 class MicroBatcher:
-    """Merges concurrent requests into batched calls of ``run``.
+    """Cuts, interleaves and merges requests into calls of ``run`` (see the module docstring).
 
     Args:
         run: Blocking function ``(x, options) -> outputs`` (arrays with the batch first), run on ``executor``.
@@ -70,6 +130,7 @@ class MicroBatcher:
         max_wait_s: How long an open batch waits for more requests.
         concurrency: Calls allowed in flight at once (the executor's size).
         on_batch: Called with ``(inputs, requests, seconds)`` after every call (metrics).
+        chunk_cost: Most inputs × samples per call.
     """
 
     def __init__(
@@ -80,6 +141,7 @@ class MicroBatcher:
         max_wait_s: float,
         concurrency: int = 1,
         on_batch: Callable[[int, int, float], None] | None = None,
+        chunk_cost: int = 2**62,
     ) -> None:
         self.run = run
         self.executor = executor
@@ -87,22 +149,29 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.concurrency = concurrency
         self.on_batch = on_batch
-        self._pending: deque[_Request] = deque()
+        self.chunk_cost = chunk_cost
+        self.cut_slots = max(1, concurrency - 1)
+        self._queue: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
+        self._cut_running = 0
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._last_batch_requests = 0
         self._closing = False
 
+    def chunk_rows(self, options: PredictOptions) -> int:
+        """Rows per call for requests with ``options``: the chunk cost over the samples, within the batch cap."""
+        return max(1, min(self.max_batch, self.chunk_cost // max(1, options.samples)))
+
     async def submit(self, x: torch.Tensor, options: PredictOptions) -> Outputs:
-        """Queues ``x`` and returns its rows of the batched outputs."""
+        """Queues ``x`` and returns its outputs, assembled from however many calls served it."""
         loop = asyncio.get_running_loop()
         self._closing = False
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._loop(), name="kronlap-microbatcher")
-        request = _Request(x=x, options=options, future=loop.create_future())
-        self._pending.append(request)
+        request = _Request(x=x, options=options, future=loop.create_future(), chunk_rows=self.chunk_rows(options))
+        self._queue.append(request)
         self._wakeup.set()
         return await request.future
 
@@ -111,51 +180,66 @@ class MicroBatcher:
         self._closing = True
         self._wakeup.set()
 
-    def _take(self, options: PredictOptions, room: int) -> list[_Request]:
-        taken: list[_Request] = []
-        keep: deque[_Request] = deque()
-        while self._pending:
-            request = self._pending.popleft()
-            if request.future.done():
-                continue
-            if request.options == options and request.options.seed is None and request.rows <= room:
-                taken.append(request)
-                room -= request.rows
-            else:
-                keep.append(request)
-        self._pending = keep
-        return taken
+    def _eligible(self, request: _Request) -> bool:
+        return not request.cut or self._cut_running < self.cut_slots
 
-    async def _next_batch(self) -> list[_Request] | None:
-        while True:
-            while not self._pending:
-                if self._closing:
-                    return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            first = self._pending.popleft()
-            if not first.future.done():
+    def _pick(self) -> _Request | None:
+        """The first request in turn that may run now (dropping finished or abandoned ones)."""
+        for request in list(self._queue):
+            if request.future.done() or request.left == 0:
+                self._queue.remove(request)
+                continue
+            if self._eligible(request):
+                return request
+        return None
+
+    def _merge(self, head: _Request, room: int) -> list[_Piece]:
+        """Whole small requests with the head's options that fit in ``room`` rows."""
+        pieces: list[_Piece] = []
+        for request in list(self._queue):
+            if room <= 0:
                 break
-        batch = [first]
-        if first.options.seed is not None:
+            if request.future.done():
+                self._queue.remove(request)
+            elif request.mergeable and request.options == head.options and request.left <= room:
+                pieces.append(request.take(request.left))
+                room -= pieces[-1].rows
+                self._queue.remove(request)
+        return pieces
+
+    async def _next_batch(self) -> list[_Piece] | None:
+        while True:
+            head = self._pick()
+            if head is not None:
+                break
+            if self._closing and not self._queue:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = [head.take(head.chunk_rows)]
+        self._queue.remove(head)
+        if head.left > 0:
+            self._queue.append(head)  # back of the line: its next chunk comes after the others' turns
+        if not head.mergeable:
             return batch
-        rows = first.rows
+        rows = batch[0].rows
         loop = asyncio.get_running_loop()
         # Wait for company only when requests have been arriving concurrently; a lone client pays nothing.
-        wait_s = self.max_wait_s if self._last_batch_requests > 1 or self._pending else 0.0
+        waiting = any(r.mergeable and r.options == head.options for r in self._queue)
+        wait_s = self.max_wait_s if self._last_batch_requests > 1 or waiting else 0.0
         deadline = loop.time() + wait_s
-        while rows < self.max_batch:
-            more = self._take(first.options, self.max_batch - rows)
+        while rows < head.chunk_rows:
+            more = self._merge(head, head.chunk_rows - rows)
             batch += more
-            rows += sum(r.rows for r in more)
+            rows += sum(p.rows for p in more)
             remaining = deadline - loop.time()
-            if rows >= self.max_batch or remaining <= 0:
+            if rows >= head.chunk_rows or remaining <= 0:
                 break
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
-                batch += self._take(first.options, self.max_batch - rows)
+                batch += self._merge(head, head.chunk_rows - rows)
                 break
         return batch
 
@@ -172,35 +256,81 @@ class MicroBatcher:
                 self._closing = False
                 return
             self._last_batch_requests = len(batch)
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            cut = any(piece.request.cut for piece in batch)
+            if cut:
+                self._cut_running += 1
+            task = asyncio.get_running_loop().create_task(self._execute(batch, cut))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    async def _execute(self, batch: list[_Piece], cut: bool) -> None:
         try:
-            x = batch[0].x if len(batch) == 1 else torch.cat([r.x for r in batch])
+            xs = [piece.request.x[piece.start : piece.end] for piece in batch]
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
             start = time.perf_counter()
             loop = asyncio.get_running_loop()
             try:
-                outputs = await loop.run_in_executor(self.executor, self.run, x, batch[0].options)
+                outputs = await loop.run_in_executor(self.executor, self.run, x, batch[0].request.options)
             except Exception as exc:
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+                for piece in batch:
+                    if not piece.request.future.done():
+                        piece.request.future.set_exception(exc)
                 return
             if self.on_batch is not None:
                 self.on_batch(int(x.shape[0]), len(batch), time.perf_counter() - start)
             rows = int(x.shape[0])
             offset = 0
-            for request in batch:
-                end = offset + request.rows
-                if not request.future.done():
-                    request.future.set_result(
-                        {k: v[offset:end] if v.ndim and v.shape[0] == rows else v for k, v in outputs.items()}
-                    )
+            for piece in batch:
+                end = offset + piece.rows
+                part = {k: v[offset:end] if v.ndim and v.shape[0] == rows else v for k, v in outputs.items()}
+                piece.request.collect(piece.start, part, piece.rows)
                 offset = end
         finally:
+            if cut:
+                self._cut_running -= 1
             self._slots.release()
+            self._wakeup.set()
+
+
+class SampleBanks:
+    """Weight-sample sets of one posterior for several ``(samples, seed)`` keys.
+
+    ``post.predict`` keeps the K weight samples of the last ``(K, seed)`` it drew and redraws when another
+    key comes; a server mixing requests of 100 and 1,000 samples would redraw on every call. The predictor
+    keeps the sets it has seen (most recent first, within ``max_bytes``) and hands them back to the
+    posterior before each call.
+    """
+
+    def __init__(self, posterior: Any, max_bytes: int = SAMPLE_BANK_BYTES) -> None:
+        self.posterior = posterior
+        self.max_bytes = max_bytes
+        self._sets: OrderedDict[Any, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def before(self) -> None:
+        """Offers every kept set to the posterior."""
+        bank = getattr(self.posterior, "_bank", None)
+        if not isinstance(bank, dict):
+            return
+        with self._lock:
+            if self._sets and any(key not in bank for key in self._sets):
+                self.posterior._bank = {**self._sets, **bank}
+
+    def after(self) -> None:
+        """Keeps the set the posterior drew (if any), within the byte budget."""
+        bank = getattr(self.posterior, "_bank", None)
+        if not isinstance(bank, dict):
+            return
+        with self._lock:
+            for key, draws in list(bank.items()):
+                self._sets[key] = draws
+                self._sets.move_to_end(key)
+            total = 0
+            for key in reversed(list(self._sets)):
+                size = sum(t.numel() * t.element_size() for t in self._sets[key].values())
+                total += size
+                if total > self.max_bytes:
+                    del self._sets[key]
 
 
 @dataclass(eq=False)
@@ -219,12 +349,18 @@ class Predictor:
     posterior: Any
     executor: ThreadPoolExecutor
     batcher: MicroBatcher | None = None
+    banks: SampleBanks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.banks = SampleBanks(self.posterior)
 
     def compute(self, x: torch.Tensor, options: PredictOptions) -> Outputs:
         """Blocking call of ``post.predict``; returns numpy arrays."""
+        self.banks.before()
         out = self.posterior.predict(
             x, samples=options.samples, predictive=options.predictive, ood_score=options.ood_score, seed=options.seed
         )
+        self.banks.after()
         return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
 
     async def predict(self, x: torch.Tensor, options: PredictOptions) -> Outputs:
@@ -362,7 +498,10 @@ class PredictorPool:
         predictor.compute(
             torch.zeros(1, *model.input_shape),
             PredictOptions(
-                samples=2, predictive=Predictive(fit.config.get("predictive", Predictive.mc)), ood_score=fit.ood_score, seed=0
+                samples=2,
+                predictive=Predictive(fit.config.get("predictive", Predictive.mc)),
+                ood_score=fit.ood_score,
+                seed=0,
             ),
         )
         if self.settings.predict_batching:
@@ -380,5 +519,6 @@ class PredictorPool:
                 max_wait_s=self.settings.predict_max_wait_ms / 1000,
                 concurrency=self.settings.predict_threads,
                 on_batch=on_batch,
+                chunk_cost=self.settings.predict_chunk_cost,
             )
         return predictor
