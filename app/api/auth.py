@@ -58,3 +58,24 @@ def authenticate(request: Request, settings: Settings) -> str:
     if tenant is None:
         raise Unauthorized("unknown API key")
     return tenant
+
+
+def authorize_metrics(request: Request, settings: Settings) -> None:
+    """Lets a Prometheus scrape of ``/metrics`` through.
+
+    Open mode (no API keys, loopback only) needs nothing. With API keys configured, the metrics (which name
+    every tenant's models) need ``Authorization: Bearer <KRONLAP_METRICS_TOKEN>``; API keys do not open them.
+
+    Raises:
+        Unauthorized: Missing or wrong scrape token.
+        Forbidden: Keys are configured but no scrape token is.
+    """
+    if settings.open_access:
+        return
+    if settings.metrics_token is None:
+        raise Forbidden("/metrics is closed: set KRONLAP_METRICS_TOKEN and scrape with it as a bearer token")
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = settings.metrics_token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise Unauthorized("/metrics needs 'Authorization: Bearer <KRONLAP_METRICS_TOKEN>'")

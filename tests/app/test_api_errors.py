@@ -28,6 +28,7 @@ from workers.embedded import start_embedded
 KEY_A = "tenant-a-key-" + "a" * 24
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": "Bearer tenant-b-key-" + "b" * 24}
+METRICS_TOKEN = "scrape-token-" + "m" * 20
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +61,9 @@ def data_dir(store_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(store_root: Path, make_settings, run_server) -> Iterator[object]:
     """One API server for the module (each test starts from an empty store and a flushed namespace)."""
-    settings = make_settings(store_root, max_request_bytes=64 * 1024, max_upload_bytes=2 * 2**20)
+    settings = make_settings(
+        store_root, max_request_bytes=64 * 1024, max_upload_bytes=2 * 2**20, metrics_token=METRICS_TOKEN
+    )
     with run_server(create_app(settings)) as running:
         yield running
 
@@ -273,7 +276,7 @@ def test_tenants_are_isolated(client: httpx.Client, tiny_onnx: bytes) -> None:
 
 
 def test_later_job_kinds_answer_501(client: httpx.Client) -> None:
-    _assert_error(client.post("/v1/jobs/optimise", json={"curvature": "kfra"}, headers=A), 501, "not_implemented")
+    _assert_error(client.post("/v1/jobs/optimise", json={"curvature": "kfra"}, headers=A), 422, "validation_error")
     _assert_error(client.post("/v1/jobs/online-laplace", json={}, headers=A), 501, "not_implemented")
     _assert_error(client.post("/v1/jobs/optimise", json={}), 401)
 
@@ -283,7 +286,7 @@ def test_health_readiness_metrics_and_docs(client: httpx.Client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "store": "ok"}
     client.get("/v1/models/mdl_nope", headers=A)
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert 'kronlap_http_requests_total{method="GET",model="-",route="/v1/models/{model_id}",status="404"}' in text
     assert 'kronlap_queue_depth_messages{queue="fits"}' in text
     assert "kronlap_http_request_duration_seconds_bucket" in text

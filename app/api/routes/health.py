@@ -1,13 +1,18 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics.
+
+``/healthz`` and ``/readyz`` are open to anyone (they reveal nothing but up or down); ``/metrics`` names
+every tenant's models, so with API keys configured it needs the scrape token (:func:`app.api.auth.authorize_metrics`).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.deps import ServicesDep
+from app.api.auth import authorize_metrics
+from app.api.deps import ServicesDep, SettingsDep
 from app.api.services import Services
 from app.domain.kinds import QUEUES
 from app.domain.queue import queue_depth
@@ -36,7 +41,10 @@ def _readiness(services: Services) -> dict[str, str]:
     return checks
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "Redis or the store is unavailable (same body, status 'unavailable')"}},
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Redis answers and the artifact store is writable (503 otherwise)."""
     checks = await run_in_threadpool(_readiness, services)
@@ -54,6 +62,7 @@ def _scrape(services: Services) -> bytes:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(services: ServicesDep) -> Response:
-    """Prometheus exposition (``kronlap_*`` families)."""
+async def metrics(request: Request, services: ServicesDep, settings: SettingsDep) -> Response:
+    """Prometheus exposition (``kronlap_*`` families); needs the scrape token when API keys are configured."""
+    authorize_metrics(request, settings)
     return Response(await run_in_threadpool(_scrape, services), media_type=CONTENT_TYPE_LATEST)
