@@ -6,6 +6,11 @@ creation time. Status moves ``queued -> running -> succeeded | failed``, and ``c
 non-final state. A re-delivered job (its worker died) goes ``running -> running`` again with ``attempts``
 incremented. Transitions are single Lua scripts so a worker finishing and a client cancelling cannot
 interleave into an inconsistent record.
+
+Liveness: a worker names itself on every job it runs (``<ns>:job-worker:<job id>``) and refreshes its own
+heartbeat (``<ns>:worker:<worker id>``, :class:`WorkerLiveness`) every quarter of the redelivery delay. Reading
+a running job checks that heartbeat: a job whose worker missed two beats says ``worker_lost`` and when the
+broker will hand it to another worker.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class JobRecord(BaseModel):
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     details: dict[str, Any] | None = None
+    worker_lost: bool = False
+    worker: dict[str, Any] | None = None
 
     @property
     def final(self) -> bool:
@@ -81,6 +88,7 @@ return current
 
 
 _JSON_FIELDS = ("params", "result", "error", "details")
+_DERIVED_FIELDS = ("worker_lost", "worker")  # computed on read, never stored in the hash
 
 # Details only while running.
 _DETAILS = """
@@ -108,6 +116,71 @@ class PermanentJobError(Exception):
         return {"code": self.code, "message": self.message, "detail": self.detail}
 
 
+class WorkerLiveness:
+    """Worker heartbeats and the worker running each job, in Redis.
+
+    Args:
+        client: Redis client.
+        namespace: Key prefix (the service's, not the broker's).
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    def worker_key(self, worker_id: str) -> str:
+        """Redis key of a worker's last heartbeat."""
+        return f"{self.namespace}:worker:{worker_id}"
+
+    def job_key(self, job_id: str) -> str:
+        """Redis key naming the worker running a job."""
+        return f"{self.namespace}:job-worker:{job_id}"
+
+    def beat(self, worker_id: str, redelivery_s: float, interval_s: float) -> None:
+        """Records a heartbeat of ``worker_id``; kept for twice the redelivery delay."""
+        value = json.dumps({"beat": time.time(), "redelivery_s": redelivery_s, "interval_s": interval_s})
+        self.client.set(self.worker_key(worker_id), value, px=max(1000, int(2000 * redelivery_s)))
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Removes a worker's heartbeat (clean shutdown)."""
+        self.client.delete(self.worker_key(worker_id))
+
+    def claim(self, job_id: str, worker_id: str, ttl_s: int) -> None:
+        """Records that ``worker_id`` runs ``job_id``."""
+        self.client.set(self.job_key(job_id), worker_id, ex=ttl_s)
+
+    def release(self, job_id: str, worker_id: str) -> None:
+        """Forgets the claim of ``worker_id`` on ``job_id`` (another worker's later claim stays)."""
+        key = self.job_key(job_id)
+        current = self.client.get(key)
+        if current is not None and _text(current) == worker_id:
+            self.client.delete(key)
+
+    def of_job(self, job_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """Liveness of the worker running ``job_id``: ``{"id", "alive", "last_beat", "retry_at"}``, or
+        ``None`` when no worker claimed it.
+
+        A worker is lost once its last beat is more than two beat intervals old (or its heartbeat expired);
+        the broker re-delivers its jobs once the redelivery delay has passed since that beat.
+        """
+        worker_id = self.client.get(self.job_key(job_id))
+        if worker_id is None:
+            return None
+        worker_id = _text(worker_id)
+        raw = self.client.get(self.worker_key(worker_id))
+        now = time.time() if now is None else now
+        if raw is None:
+            return {"id": worker_id, "alive": False, "last_beat": None, "retry_at": None}
+        beat = json.loads(raw)
+        last = float(beat["beat"])
+        alive = now - last <= 2 * float(beat["interval_s"])
+        return {"id": worker_id, "alive": alive, "last_beat": last, "retry_at": last + float(beat["redelivery_s"])}
+
+
+def _clock(epoch_s: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch_s))
+
+
 class JobStore:
     """Reads and writes job records.
 
@@ -124,6 +197,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._progress = client.register_script(_PROGRESS)
         self._details = client.register_script(_DETAILS)
+        self.liveness = WorkerLiveness(client, namespace)
 
     def key(self, job_id: str) -> str:
         """Redis key of a job record."""
@@ -164,7 +238,25 @@ class JobStore:
         fields["params"] = fields["params"] or {}
         for name in ("started_at", "finished_at"):
             fields[name] = float(fields[name]) if fields.get(name) else None
-        return JobRecord.model_validate(fields)
+        for name in _DERIVED_FIELDS:
+            fields.pop(name, None)
+        job = JobRecord.model_validate(fields)
+        if job.status == JobStatus.running:
+            self._check_worker(job)
+        return job
+
+    def _check_worker(self, job: JobRecord) -> None:
+        worker = self.liveness.of_job(job.id)
+        job.worker = worker
+        if worker is None or worker["alive"]:
+            return
+        job.worker_lost = True
+        since = f" at {_clock(worker['last_beat'])}" if worker["last_beat"] else ""
+        if worker["retry_at"] is not None and worker["retry_at"] > time.time():
+            when = f"will be retried at {_clock(worker['retry_at'])}"
+        else:
+            when = "will be retried by the next worker that checks the queue"
+        job.message = f"worker_lost: worker {worker['id'][:8]} stopped heart-beating{since}; the job {when}"
 
     def list(self, tenant: str, limit: int = 100) -> list[JobRecord]:
         """The tenant's most recent jobs, newest first."""
@@ -300,6 +392,8 @@ class JobStore:
         data = job.model_dump(mode="json")
         out: dict[str, str] = {}
         for name, value in data.items():
+            if name in _DERIVED_FIELDS:
+                continue
             if name in _JSON_FIELDS:
                 out[name] = json.dumps(value) if value is not None else ""
             elif value is None:
