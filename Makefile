@@ -1,9 +1,11 @@
 VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-online clean
+.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-load bench-online clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,11 +39,14 @@ bench-quality: bench-deps
 bench-serve: $(STAMP)
 	$(PY) -m bench.serve
 
+bench-load: $(STAMP)
+	$(PY) -m bench.load
+
 bench-online: $(STAMP)
 	$(PY) -m bench.online
 
 run: $(STAMP)
-	$(VENV)/bin/kronlap serve --example
+	$(VENV)/bin/kronlap serve --example --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
