@@ -29,6 +29,7 @@ from .estimators import (
     fit_kronecker,
     ggn_vector_product,
     merge_factors,
+    supported_curvatures,
 )
 from .kron import FactoredPrecision, KronEigen, factored_damping, kron_matvec, sym_eigh, trace_norm_omega
 from .laplace import CURVATURES, LaplaceConfig, fit_laplace
@@ -104,6 +105,7 @@ __all__ = [
     "likelihood_from_name",
     "merge_factors",
     "register_handler",
+    "supported_curvatures",
     "sym_eigh",
     "trace_norm_omega",
     "ContinualConfig",

@@ -59,6 +59,8 @@ class DatasetRecord(BaseModel):
     y_shape: list[int]
     y_kind: Literal["int", "float", "none"]
     num_classes: int | None = None
+    x_range: list[float] | None = Field(default=None, description="Smallest and largest input value.")
+    y_range: list[float] | None = Field(default=None, description="Smallest and largest target value.")
     created_at: float = Field(default_factory=time.time)
 
 

@@ -29,6 +29,8 @@ def store_dataset(
         y_shape=list(data.y.shape[1:]) if data.y is not None else [],
         y_kind=data.y_kind,
         num_classes=data.num_classes,
+        x_range=[float(data.x.min()), float(data.x.max())],
+        y_range=[float(data.y.min()), float(data.y.max())] if data.y is not None and data.y.size else None,
     )
     backend.catalog.put_dataset(record)
     return record

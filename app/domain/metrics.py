@@ -106,6 +106,16 @@ class Metrics:
         self.jobs_submitted = Counter(
             "kronlap_jobs_submitted_total", "Jobs submitted through the API.", ["kind"], registry=registry
         )
+        self.train_steps = Counter(
+            "kronlap_train_steps_total", "Training steps taken by jobs, by kind and method.", ["kind", "method"],
+            registry=registry,
+        )
+        self.train_step_rate = Gauge(
+            "kronlap_train_steps_per_second",
+            "Steps per second of the latest running training job, by kind and method.",
+            ["kind", "method"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "kronlap_queue_depth_messages", "Messages waiting in a job queue.", ["queue"], registry=registry
         )

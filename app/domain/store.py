@@ -3,7 +3,8 @@
 Layout::
 
     <root>/blobs/<sha[:2]>/<sha>        immutable bytes (model files, canonical datasets, posteriors)
-    <root>/records/<kind>/<id>.json     one record per model / dataset / fit / job checkpoint, naming its blob by sha256
+    <root>/records/<kind>/<id>.json     one record per model / dataset / fit / job checkpoint / job's artifacts,
+                                        naming its blobs by sha256
     <root>/tmp/                         staging area for atomic writes (same file system as the rest)
 
 Every write goes to ``tmp/`` first, is flushed and fsync-ed, then ``os.replace``-d into place, so readers
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-KINDS = ("models", "datasets", "fits", "checkpoints")
+KINDS = ("models", "datasets", "fits", "checkpoints", "artifacts")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -145,13 +146,16 @@ class ArtifactStore:
     # -- maintenance -------------------------------------------------------------------------------------
 
     def referenced_blobs(self) -> set[str]:
-        """Hashes named by any record (fields ``sha256`` and ``posterior_sha256``)."""
+        """Hashes named by any record (fields ``sha256``, ``posterior_sha256`` and the values of ``blobs``)."""
         refs: set[str] = set()
         for kind in KINDS:
             for record in self.records(kind):
                 for field in ("sha256", "posterior_sha256"):
                     if isinstance(record.get(field), str):
                         refs.add(record[field])
+                blobs = record.get("blobs")
+                if isinstance(blobs, dict):
+                    refs.update(sha for sha in blobs.values() if isinstance(sha, str))
         return refs
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> int:

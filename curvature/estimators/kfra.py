@@ -52,16 +52,13 @@ def _chain(model: nn.Module) -> list[nn.Module]:
     return chain
 
 
-def fit_kfra(
-    model: nn.Module,
-    data: Data,
-    likelihood: Likelihood,
-    batch_size: int = 512,
-    device=None,
-    progress: Progress | None = None,
-    layers: list[Layer] | None = None,
-) -> KroneckerFactors:
-    """KFRA factors for every trainable Linear layer of a sequential chain."""
+def kfra_chain(model: nn.Module) -> tuple[list[nn.Module], list[nn.Linear]]:
+    """The modules of a network KFRA can propagate through, and its Linear layers.
+
+    Raises:
+        ValueError: The network is not a chain of Linear layers with element-wise activations (and a leading
+            Flatten) ending in a Linear layer, or it reuses a Linear layer.
+    """
     chain = _chain(model)
     linears = [m for m in chain if isinstance(m, nn.Linear)]
     if not linears:
@@ -77,6 +74,20 @@ def fit_kfra(
         raise ValueError("KFRA needs the network to end with a Linear layer (the likelihood's input).")
     if len({id(m) for m in linears}) != len(linears):
         raise ValueError("KFRA does not support a Linear layer used more than once in the chain (shared weights).")
+    return chain, linears
+
+
+def fit_kfra(
+    model: nn.Module,
+    data: Data,
+    likelihood: Likelihood,
+    batch_size: int = 512,
+    device=None,
+    progress: Progress | None = None,
+    layers: list[Layer] | None = None,
+) -> KroneckerFactors:
+    """KFRA factors for every trainable Linear layer of a sequential chain."""
+    chain, linears = kfra_chain(model)
     layers = find_layers(model) if layers is None else layers
     wanted = {id(layer.module): layer.name for layer in layers}
     if any(id(m) not in {id(x) for x in linears} for m in (layer.module for layer in layers)):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Response
 
 from app.api.deps import ServicesDep, TenantDep
-from app.api.schemas import ERROR_RESPONSES, JobOut
+from app.api.schemas import ERROR_RESPONSES, JobOut, JobSubmitted
 from app.api.services import Services
 from app.domain.errors import Conflict, NotFound, NotImplementedYet
 from app.domain.jobs import JobRecord
+from app.domain.kinds import OPTIMISE, submit
+from app.domain.kinds.base import Artifacts
+from app.domain.kinds.optimise import OptimiseRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -50,13 +53,29 @@ def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobOut:
     return JobOut.of(services.jobs.get(job_id) or job)
 
 
-@router.post("/optimise", responses=_NOT_YET, status_code=202)
-def submit_optimise(tenant: TenantDep, body: dict[str, Any] = Body(default_factory=dict)) -> None:
-    """Second-order optimiser jobs (KFAC / KFLR / KFRA training): planned, not available yet."""
-    raise NotImplementedYet(
-        "optimiser jobs are not available in this version; POST /v1/models/{id}/fits fits a posterior",
-        detail={"kind": "optimise"},
-    )
+@router.post("/optimise", status_code=202, response_model=JobSubmitted, responses=ERROR_RESPONSES)
+def submit_optimise(request: OptimiseRequest, services: ServicesDep, tenant: TenantDep) -> JobSubmitted:
+    """Trains an uploaded model with the second-order optimiser (KFRA / KFLR / KFAC / diagonal Gauss-Newton) or
+    an Adam / SGD baseline; the result is a new model plus its training curve. Poll the returned job."""
+    job, _ = submit(services, OPTIMISE, tenant, request)
+    return JobSubmitted.of(job)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[str], responses=ERROR_RESPONSES)
+def list_artifacts(job_id: str, services: ServicesDep, tenant: TenantDep) -> list[str]:
+    """Names of the files a job published (``curve.json``, ``curve.png``, ...)."""
+    _job(services, job_id, tenant)
+    return Artifacts(services).names(job_id, tenant)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    responses={**ERROR_RESPONSES, 200: {"content": {"application/json": {}, "image/png": {}, "text/csv": {}}}},
+)
+def get_artifact(job_id: str, name: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    """One published file of a job (a training curve as JSON, its plot as PNG, ...)."""
+    data, media_type = Artifacts(services).get(job_id, tenant, name)
+    return Response(data, media_type=media_type)
 
 
 @router.post("/online-laplace", responses=_NOT_YET, status_code=202)

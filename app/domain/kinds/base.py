@@ -86,6 +86,48 @@ class Checkpoints:
         self.store.delete_record(self.KIND, job_id)
 
 
+class Artifacts:
+    """Files a job publishes for clients (training curves, plots, matrices): blobs plus one record per job.
+
+    The record ``artifacts/<job_id>`` maps each name (``curve.json``, ``curve.png``) to its blob and media type;
+    it keeps the blobs from garbage collection after the job record expires from Redis.
+    """
+
+    KIND = "artifacts"
+    MEDIA_TYPES = {".json": "application/json", ".png": "image/png", ".csv": "text/csv"}
+
+    def __init__(self, backend: Backend) -> None:
+        self.store = backend.store
+
+    def publish(self, job_id: str, tenant: str, name: str, data: bytes) -> str:
+        """Stores ``data`` as the job's artifact ``name``; returns the URL path it is served at."""
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        if suffix not in self.MEDIA_TYPES or not name[: -len(suffix)].replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"artifact names are [A-Za-z0-9_-] plus one of {sorted(self.MEDIA_TYPES)}: {name!r}")
+        sha = self.store.put_blob(data)
+        record = self.store.get_record(self.KIND, job_id) or {"job": job_id, "tenant": tenant, "blobs": {}}
+        record["blobs"][name] = sha
+        self.store.put_record(self.KIND, job_id, record)
+        return f"/v1/jobs/{job_id}/artifacts/{name}"
+
+    def get(self, job_id: str, tenant: str, name: str) -> tuple[bytes, str]:
+        """The artifact's bytes and media type.
+
+        Raises:
+            NotFound: No such job, artifact, or the job belongs to another tenant.
+        """
+        record = self.store.get_record(self.KIND, job_id)
+        sha = (record or {}).get("blobs", {}).get(name) if (record or {}).get("tenant") == tenant else None
+        if sha is None or not self.store.has_blob(sha):
+            raise NotFound(f"job {job_id!r} has no artifact {name!r}", detail={"job": job_id, "artifact": name})
+        return self.store.get_blob(sha), self.MEDIA_TYPES[name[name.rfind(".") :]]
+
+    def names(self, job_id: str, tenant: str) -> list[str]:
+        """The job's artifact names (empty for another tenant's job)."""
+        record = self.store.get_record(self.KIND, job_id) or {}
+        return sorted(record.get("blobs", {})) if record.get("tenant") == tenant else []
+
+
 class ProgressReporter:
     """Throttled progress writer mapping a phase's ``[0, 1]`` into ``[lo, hi]`` of the job's progress.
 
@@ -144,6 +186,10 @@ class JobRun:
     def checkpoints(self) -> Checkpoints:
         """The store's job checkpoints."""
         return Checkpoints(self.backend)
+
+    def publish(self, name: str, data: bytes) -> str:
+        """Publishes one of the job's artifacts (see :class:`Artifacts`); returns its URL path."""
+        return Artifacts(self.backend).publish(self.job_id, self.job.tenant, name, data)
 
     def progress(self, fraction: float, message: str, **details: Any) -> None:
         """Records progress (0-1) and a message; ``details`` update the record's ``details``.
