@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-load bench-online clean
+.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-load bench-online bench-optim bench-deps-optim clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,13 @@ bench-quality: bench-deps
 
 bench-serve: $(STAMP)
 	$(PY) -m bench.serve
+
+# kfac-jax (and the jax it runs on) go into the bench environment only; torch stays pinned
+bench-deps-optim: $(STAMP)
+	$(PY) bench/install_rivals.py --kfac-jax
+
+bench-optim: bench-deps-optim
+	$(PY) -m bench.optim
 
 bench-load: $(STAMP)
 	$(PY) -m bench.load

@@ -1,7 +1,8 @@
 """Install the rival libraries the benchmarks compare against, into the running interpreter.
 
-Usage: ``python bench/install_rivals.py [--force] [--backpack-only]`` (``make bench-deps``); ``--backpack-only``
-installs just the BackPACK pins the test suite's cross-check needs.
+Usage: ``python bench/install_rivals.py [--force] [--backpack-only | --kfac-jax]`` (``make bench-deps``);
+``--backpack-only`` installs just the BackPACK pins the test suite's cross-check needs; ``--kfac-jax`` installs
+only kfac-jax and the jax it runs on (``make bench-optim``), never touching torch.
 
 laplace-torch and BackPACK declare ``torchvision`` as a requirement, but neither needs it for what the
 benchmarks use, and the registry's torchvision does not import beside our torch build. So every package is
@@ -48,6 +49,38 @@ SHARED_REQUIREMENTS: tuple[str, ...] = (
     "packaging>=22",
     "typing_extensions>=4.0",
 )
+
+# The optimiser benchmark's rival (bench/optim.py runs it in a subprocess). kfac-jax 0.0.8 fails at its first
+# step on the newest jax ("too many values to unpack" in its graph matcher); jax 0.9.0.1 works. Installed with
+# its dependencies resolved by pip, torch pinned on the same command line; jax stays out of the project's own
+# requirements and of the tests.
+KFAC_JAX_PINS: tuple[str, ...] = ("kfac-jax==0.0.8", "jax==0.9.0.1", "jaxlib==0.9.0.1")
+
+KFAC_JAX_SMOKE_TEST = """
+import jax
+import jax.numpy as jnp
+import kfac_jax
+
+def loss(params, batch):
+    x, y = batch
+    logits = x @ params["w"] + params["b"]
+    kfac_jax.register_sigmoid_cross_entropy_loss(logits, y)
+    return jnp.mean(jnp.sum(jnp.logaddexp(0.0, logits) - y * logits, axis=-1))
+
+opt = kfac_jax.Optimizer(
+    value_and_grad_func=jax.value_and_grad(loss), l2_reg=0.0, use_adaptive_learning_rate=True,
+    use_adaptive_momentum=True, use_adaptive_damping=True, initial_damping=1.0, multi_device=False,
+    num_burnin_steps=0,
+)
+key = jax.random.PRNGKey(0)
+params = {"w": 0.1 * jax.random.normal(key, (4, 3)), "b": jnp.zeros(3)}
+batch = (jax.random.normal(key, (8, 4)), (jax.random.uniform(key, (8, 3)) > 0.5).astype(jnp.float32))
+state = opt.init(params, key, batch)
+params, state, stats = opt.step(params, state, key, batch=batch, global_step_int=0)
+if not jnp.isfinite(stats["loss"]):
+    raise SystemExit("kfac-jax step is not finite")
+print("kfac-jax OK")
+"""
 
 SMOKE_TEST = """
 import torch
@@ -157,15 +190,37 @@ def smoke_test(code: str = SMOKE_TEST) -> bool:
     return result.returncode == 0
 
 
+def install_kfac_jax(force: bool = False) -> int:
+    """kfac-jax and its jax, with dependencies (pip resolves them; torch stays pinned on the command line)."""
+    todo = list(KFAC_JAX_PINS) if force else unmet(KFAC_JAX_PINS)
+    if not todo and smoke_test(KFAC_JAX_SMOKE_TEST):
+        print("already installed: " + ", ".join(KFAC_JAX_PINS), file=sys.stderr)
+        return 0
+    command = [sys.executable, "-m", "pip", "install", TORCH_PIN, *KFAC_JAX_PINS]
+    print("+", " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+    check_torch()
+    if not smoke_test(KFAC_JAX_SMOKE_TEST):
+        print("kfac-jax smoke test failed", file=sys.stderr)
+        return 1
+    print("installed: " + ", ".join(KFAC_JAX_PINS), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="run pip even when every pin looks satisfied")
     parser.add_argument(
         "--backpack-only", action="store_true", help="install only BackPACK (for the test suite), not laplace-torch"
     )
+    parser.add_argument(
+        "--kfac-jax", action="store_true", help="install only kfac-jax and jax (the optimiser benchmark's rival)"
+    )
     args = parser.parse_args(argv)
 
     check_torch()
+    if args.kfac_jax:
+        return install_kfac_jax(args.force)
     pins = BACKPACK_PINS if args.backpack_only else RIVAL_PINS
     check = BACKPACK_SMOKE_TEST if args.backpack_only else SMOKE_TEST
     wanted = pins + SHARED_REQUIREMENTS

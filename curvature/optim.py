@@ -49,7 +49,13 @@ Matrices = dict[str, Tensor]
 
 @dataclass
 class OptimizerConfig:
-    """Settings of :class:`SecondOrderOptimizer`; the defaults are the thesis's (§4.4) unless noted.
+    """Settings of :class:`SecondOrderOptimizer`.
+
+    The damping rules are the thesis's (§4.4). Three defaults are not: momentum is on (the 2×2 quadratic-model
+    solve of Martens & Grosse, which kfac-jax also uses; the thesis found plain momentum on the update unstable,
+    but here μ is chosen by the model, never fixed), and the curvature and its inverses are refreshed every second
+    step with a moving average of weight 0.5, which costs less per second than refreshing every step at nearly the
+    same progress per step. The initial ``τ = ζ = 0.1`` suit losses averaged over the batch.
 
     Attributes:
         curvature: ``kfra``, ``kflr``, ``kfac`` (``mc_samples`` sampled targets), ``rp`` or ``diag`` (the
@@ -79,20 +85,20 @@ class OptimizerConfig:
     curvature: Curvature = Curvature.kfra
     damping: Damping = Damping.factored
     weight_decay: float = 0.0
-    tau: float = 1.0
-    zeta: float = 1.0
+    tau: float = 0.1
+    zeta: float = 0.1
     tau_interval: int = 5
     tau_decay: float = 0.95
     rho_low: float = 0.75
     rho_high: float = 0.75
     zeta_interval: int = 20
     zeta_decay: float = 0.95
-    momentum: bool = False
-    curvature_interval: int = 1
-    inverse_interval: int = 1
-    curvature_ema: float = 0.0
+    momentum: bool = True
+    curvature_interval: int = 2
+    inverse_interval: int = 2
+    curvature_ema: float = 0.5
     curvature_batch: int | None = None
-    curvature_vectors: int | None = 16384
+    curvature_vectors: int | None = 8192
     mc_samples: int = 1
     seed: int = 0
     rejection_factor: float = 10.0
@@ -181,11 +187,14 @@ def _dot(a: Matrices, b: Matrices) -> float:
     return float(sum((a[k] * b[k]).sum() for k in a))
 
 
-def _spd_inverse(m: Tensor) -> Tensor:
-    """Inverse of a symmetric positive-definite matrix by Cholesky, in float64."""
+def _cholesky(m: Tensor) -> Tensor:
+    """Lower Cholesky factor of a symmetric positive-definite matrix, factorised in float64, cast back.
+
+    Applying ``m⁻¹`` with two triangular solves costs what one matrix product does and is backward stable in the
+    model's precision; forming the explicit inverse would cost three times the factorisation.
+    """
     m64 = m.to(torch.float64)
-    chol = torch.linalg.cholesky(0.5 * (m64 + m64.T))
-    return torch.cholesky_inverse(chol).to(m.dtype)
+    return torch.linalg.cholesky(0.5 * (m64 + m64.T)).to(m.dtype)
 
 
 class SecondOrderOptimizer:
@@ -331,7 +340,7 @@ class SecondOrderOptimizer:
             else:
                 omega = trace_norm_omega(parts["G"], parts["A"])
                 pg, pa = factored_damping(parts["G"], parts["A"], 1.0, shift, omega)
-                out[name] = {"G_inv": _spd_inverse(pg), "A_inv": _spd_inverse(pa)}
+                out[name] = {"G_chol": _cholesky(pg), "A_chol": _cholesky(pa)}
         return out
 
     def _eigen_ok(self) -> bool:
@@ -354,8 +363,10 @@ class SecondOrderOptimizer:
             inv = inverse[name]
             if "denominator" in inv:
                 out[name] = -g / inv["denominator"]
-            elif "G_inv" in inv:
-                out[name] = -(inv["G_inv"] @ g @ inv["A_inv"])
+            elif "G_chol" in inv:
+                # P_G⁻¹ g P_A⁻¹ = (P_A⁻¹ (P_G⁻¹ g)ᵀ)ᵀ, both factors symmetric
+                left = torch.cholesky_solve(g, inv["G_chol"])
+                out[name] = -torch.cholesky_solve(left.T, inv["A_chol"]).T
             else:
                 eig = KronEigen(inv["s_G"], inv["U_G"], inv["s_A"], inv["U_A"])
                 out[name] = -eig.damped_inverse_apply(g, 1.0, cfg.weight_decay + zeta)

@@ -100,6 +100,21 @@ def _output_vectors(
     raise ValueError(f"Unknown backward-engine method {method!r}.")
 
 
+def output_layer_name(f: Tensor, outputs: dict[str, Tensor]) -> str | None:
+    """The recorded layer whose output is the network output ``f`` itself (``f`` is the hook's copy), if any.
+
+    Its Jacobian ``∂f/∂h`` is the identity, so its ``G`` needs no backward pass: it is ``E[Λ]`` directly.
+    """
+    fn = f.grad_fn
+    if fn is None or fn.name() != "CloneBackward0" or not fn.next_functions:
+        return None
+    source = fn.next_functions[0][0]
+    for name, out in outputs.items():
+        if out.grad_fn is not None and out.grad_fn is source and out.shape == f.shape:
+            return name
+    return None
+
+
 def _sweep(
     model: nn.Module,
     layers: list[Layer],
@@ -110,8 +125,13 @@ def _sweep(
     progress: Progress | None,
     label: str,
     consume,
+    batch_context: dict | None = None,
 ) -> int:
-    """Run forward + batched backward over the data, handing each batch's rows to ``consume``."""
+    """Run forward + batched backward over the data, handing each batch's rows to ``consume``.
+
+    ``batch_context``, when given, receives the batch's detached output ``f``, targets ``y`` and the name of the
+    layer whose output is ``f`` (``output_layer``) before ``consume`` is called.
+    """
     dev, dtype = model_device_dtype(model)
     device = dev if device is None else torch.device(device)
     total = count_examples(data)
@@ -125,6 +145,8 @@ def _sweep(
                 if f.dim() == 1:
                     f = f.unsqueeze(-1)
                 vectors = output_vectors(f.detach(), y)
+                if batch_context is not None:
+                    batch_context.update(f=f.detach(), y=y, output_layer=output_layer_name(f, outputs))
                 pulled = backprop_vectors(f, [outputs[layer.name] for layer in layers], vectors)
             for layer, g in zip(layers, pulled, strict=True):
                 a_rows = layer.handler.input_rows(layer.module, inputs[layer.name])  # (n, T, in+1)
@@ -162,15 +184,19 @@ def fit_kronecker_backward(
     layers = find_layers(model) if layers is None else layers
     a_sum: dict[str, Tensor] = {}
     g_sum: dict[str, Tensor] = {}
+    context: dict = {}
 
     def consume(layer: Layer, a_rows: Tensor, g_rows: Tensor) -> None:
         t = a_rows.shape[1]
         a2 = a_rows.reshape(-1, a_rows.shape[-1])
-        g2 = g_rows.reshape(-1, g_rows.shape[-1])
         a = gram(a2)
         if t != 1:
             a = a / t
-        g = gram(g2)
+        if method == "kflr" and t == 1 and layer.name == context.get("output_layer"):
+            # the output layer's vectors are the square roots themselves: Σ_k s_k s_kᵀ = Λ in closed form
+            g = likelihood.output_curvature_sum(context["f"], context["y"])
+        else:
+            g = gram(g_rows.reshape(-1, g_rows.shape[-1]))
         if layer.name in a_sum:
             a_sum[layer.name] += a
             g_sum[layer.name] += g
@@ -178,7 +204,7 @@ def fit_kronecker_backward(
             a_sum[layer.name], g_sum[layer.name] = a, g
 
     vectors = _output_vectors(likelihood, method, mc_samples, generator)
-    n = _sweep(model, layers, data, vectors, batch_size, device, progress, method, consume)
+    n = _sweep(model, layers, data, vectors, batch_size, device, progress, method, consume, context)
     factors = {layer.name: LayerFactors(A=a_sum[layer.name] / n, G=g_sum[layer.name] / n) for layer in layers}
     return KroneckerFactors(factors, n_data=n, method=method)
 
