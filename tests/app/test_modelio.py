@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
+import stat
+import sys
 import warnings
 import zipfile
 import zlib
@@ -26,6 +29,7 @@ from app.domain.modelio import (
     verify_reproduces,
 )
 from app.domain.modelio.modules import GraphProgram
+from curvature import CrossEntropy, Curvature, fit_kronecker, supported_curvatures
 
 BATCH = torch.export.Dim("batch")
 UNPICKLED: list[str] = []
@@ -573,6 +577,18 @@ HAND_BUILT = {
         ["n", 2, 5, 5],
         ["n", 2],
     ),
+    "conv_same_lower_even_kernel_and_swish": lambda: _graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], auto_pad="SAME_LOWER"),
+            helper.make_node("Sigmoid", ["c"], ["s"]),
+            helper.make_node("Mul", ["s", "c"], ["m"]),
+            helper.make_node("Flatten", ["m"], ["f"]),
+            helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1),
+        ],
+        [_random("w", 2, 1, 4, 4), _random("fw", 3, 98)],
+        ["n", 1, 7, 7],
+        ["n", 3],
+    ),
     "softplus_threshold_pattern": lambda: _graph(
         [
             helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
@@ -654,3 +670,237 @@ def test_error_codes_are_checked() -> None:
     error = ModelImportError("unsupported_op", "Foo is not supported", {"op": "Foo"})
     assert isinstance(error, ValueError)
     assert error.to_dict() == {"code": "unsupported_op", "message": "Foo is not supported", "detail": {"op": "Foo"}}
+
+
+# -- what users export every day, and what the curvature core cannot fit -------------------------------
+
+
+def _silu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 3))
+
+
+def _silu_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+
+
+def _same_conv(kernel: int, dilation: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, kernel, padding="same", dilation=dilation), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 7 * 7, 4)
+    )
+
+
+def _grouped_conv(groups: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 4, 3, groups=groups), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+EVERYDAY_EXPORTERS = {
+    **EXPORTERS,
+    # run_decompositions() writes SiLU as sigmoid and mul, and an even-kernel "same" padding as constant_pad_nd
+    "pt2-core-aten": (lambda m, s: export_pt2(m, s, dynamic=False, decompose=True), "model.pt2"),
+}
+
+
+def _import_and_compare(model: nn.Module, shape: tuple[int, ...], exporter: str) -> ImportedModel:
+    export, filename = EVERYDAY_EXPORTERS[exporter]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        imported = load_model(export(model, shape), filename)
+    x = torch.randn(2 if exporter == "pt2-core-aten" else 5, *shape)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), model(x), rtol=1e-5, atol=1e-5)
+    return imported
+
+
+@pytest.mark.parametrize("exporter", list(EVERYDAY_EXPORTERS))
+@pytest.mark.parametrize("model_name", ["silu_mlp", "silu_cnn"])
+def test_silu_imports_as_nn_silu(model_name: str, exporter: str) -> None:
+    torch.manual_seed(6)
+    model, shape = (_silu_mlp(), (6,)) if model_name == "silu_mlp" else (_silu_cnn(), (1, 8, 8))
+    imported = _import_and_compare(model.eval(), shape, exporter)
+    kinds = [type(m) for m in imported.module.children()]
+    assert kinds.count(nn.SiLU) == (2 if model_name == "silu_mlp" else 1) and nn.Sigmoid not in kinds, kinds
+    curvatures = supported_curvatures(imported.module)
+    assert (Curvature.kfra in curvatures) == (model_name == "silu_mlp")
+
+
+def test_a_sigmoid_gate_on_another_activation_is_not_silu() -> None:
+    data = _graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["a"], transB=1),
+            helper.make_node("Gemm", ["x", "w2"], ["b"], transB=1),
+            helper.make_node("Sigmoid", ["b"], ["s"]),
+            helper.make_node("Mul", ["a", "s"], ["y"]),
+        ],
+        [_random("w", 3, 4), _random("w2", 3, 4)],
+        ["n", 4],
+        ["n", 3],
+    )
+    error = _expect("unsupported_op", data, "gated.onnx")
+    assert error.detail["op"] == "Mul" and "SiLU" in error.message
+
+
+@pytest.mark.parametrize("exporter", list(EVERYDAY_EXPORTERS))
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_padding_same_becomes_integer_padding_the_core_can_fit(kernel: int, exporter: str) -> None:
+    torch.manual_seed(7)
+    imported = _import_and_compare(_same_conv(kernel).eval(), (2, 7, 7), exporter)
+    (conv,) = [m for m in imported.module.modules() if isinstance(m, nn.Conv2d)]
+    pads = [m.padding for m in imported.module.modules() if isinstance(m, nn.ZeroPad2d)]
+    assert isinstance(conv.padding, tuple)
+    if kernel % 2:  # symmetric: plain integer padding on the layer
+        assert conv.padding == (1, 1) and not pads
+    else:  # one more pixel at the bottom and the right: an nn.ZeroPad2d in front
+        (left, right, top, bottom), (ph, pw) = pads[0], conv.padding
+        assert len(pads) == 1 and (top + ph, left + pw, bottom + ph, right + pw) == (1, 1, 2, 2)
+    x, y = torch.randn(6, 2, 7, 7), torch.randint(0, 4, (6,))
+    factors = fit_kronecker(imported.module, (x, y), CrossEntropy(), method="kflr")
+    assert len(factors.layers) == 2
+
+
+def test_dilated_padding_same_from_pt2() -> None:
+    torch.manual_seed(8)
+    imported = _import_and_compare(_same_conv(3, dilation=2).eval(), (2, 7, 7), "pt2")
+    assert [m.padding for m in imported.module.modules() if isinstance(m, nn.Conv2d)] == [(2, 2)]
+
+
+@pytest.mark.parametrize("exporter", ["onnx-dynamo", "onnx-legacy", "pt2"])
+@pytest.mark.parametrize("groups", [2, 4], ids=["grouped", "depthwise"])
+def test_grouped_convolution_is_refused_at_upload(groups: int, exporter: str) -> None:
+    export, filename = EXPORTERS[exporter]
+    data = export(_grouped_conv(groups).eval(), (4, 7, 7))
+    error = _expect("unsupported_layer", data, filename)
+    assert error.detail["groups"] == groups
+    assert "grouped convolution" in error.message and "groups=1" in error.message
+
+
+# -- ONNX external data ---------------------------------------------------------------------------------
+
+
+def _zip(members: dict[str, bytes], *, links: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            info = zipfile.ZipInfo(name)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            if name in links:
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, content)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def external_export(tmp_path_factory) -> tuple[nn.Module, dict[str, bytes]]:
+    """A model exported the default way (``torch.onnx.export`` to a path): weights in ``model.onnx.data``."""
+    torch.manual_seed(9)
+    model = _silu_mlp().eval()
+    folder = tmp_path_factory.mktemp("export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 6),), folder / "model.onnx", input_names=["x"])
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert sorted(files) == ["model.onnx", "model.onnx.data"]
+    stored = onnx.load_from_string(files["model.onnx"])
+    assert any(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer)
+    return model, files
+
+
+@pytest.mark.parametrize("folder", ["", "export/"])
+def test_onnx_external_data_imports_from_a_zip_archive(external_export, folder: str) -> None:
+    model, files = external_export
+    members = {folder + name: content for name, content in files.items()}
+    members["__MACOSX/._model.onnx"] = b"\x00\x05\x16\x07"  # what macOS's archiver adds
+    data = _zip(members)
+    imported = load_model(data, "model.zip")
+    assert imported.format == "onnx" and imported.sha256 == hashlib.sha256(data).hexdigest()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), model(x))
+    assert Curvature.kfra in supported_curvatures(imported.module)
+
+
+def test_onnx_external_data_without_its_files_names_them(external_export) -> None:
+    _, files = external_export
+    error = _expect("invalid_onnx", files["model.onnx"], "model.onnx")
+    assert error.detail["missing"] == ["model.onnx.data"] and "external_data=False" in error.message
+    error = _expect("invalid_onnx", _zip({"model.onnx": files["model.onnx"]}), "model.zip")
+    assert error.detail["missing"] == ["model.onnx.data"]
+
+
+def _external_gemm(location: str) -> bytes:
+    """A Gemm whose (3, 4) float weight lives in 48 external bytes at ``location``."""
+    weight = _weight()
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "48")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    return _onnx_model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], [weight]).SerializeToString()
+
+
+WEIGHTS = np.arange(12, dtype=np.float32).tobytes()
+
+
+def test_external_gemm_imports_from_its_archive() -> None:
+    imported = load_model(_zip({"m/model.onnx": _external_gemm("./w.bin"), "m/w.bin": WEIGHTS}), "m.zip")
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert_close_report(imported.module(x), x @ torch.arange(12.0).reshape(3, 4).T)
+
+
+# (members, code): each archive would import if the importer followed the path it names to the file the test
+# writes outside the upload
+HOSTILE_ARCHIVES = {
+    "member climbing out": (lambda secret: {"model.onnx": _external_gemm("w.bin"), "../w.bin": WEIGHTS}),
+    "absolute member": (lambda secret: {"model.onnx": _external_gemm("w.bin"), str(secret): WEIGHTS}),
+    "backslash member": (lambda secret: {"model.onnx": _external_gemm("w.bin"), "..\\w.bin": WEIGHTS}),
+    "linked member": (lambda secret: {"model.onnx": _external_gemm("w.bin"), "w.bin": str(secret).encode()}),
+    "location climbing out": (lambda secret: {"model.onnx": _external_gemm(f"../{secret.name}")}),
+    "absolute location": (lambda secret: {"model.onnx": _external_gemm(str(secret))}),
+    "url location": (lambda secret: {"model.onnx": _external_gemm(f"file://{secret}")}),
+    "location climbing out of a folder": (
+        lambda secret: {"a/model.onnx": _external_gemm("b/../../w.bin"), "w.bin": WEIGHTS}
+    ),
+}
+
+
+@pytest.fixture
+def opened_files():
+    """Paths opened by this process while the test runs (an audit hook, switched off afterwards)."""
+    opened: list[str] = []
+    active = [True]
+
+    def hook(event: str, args: tuple) -> None:
+        if active[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+    yield opened
+    active[0] = False
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARCHIVES))
+def test_hostile_onnx_archives_are_refused_without_reading_outside(case: str, tmp_path, opened_files) -> None:
+    secret = tmp_path / "w.bin"
+    secret.write_bytes(WEIGHTS)
+    members = HOSTILE_ARCHIVES[case](secret)
+    data = _zip(members, links=("w.bin",) if case == "linked member" else ())
+    opened_files.clear()
+    _expect("unsafe_archive", data, "model.zip")
+    assert not [p for p in opened_files if p.startswith(str(tmp_path))]
+
+
+def test_oversized_archive_member_is_refused(tmp_path) -> None:
+    data = _zip({"model.onnx": _external_gemm("w.bin"), "w.bin": bytes(4 * 2**20)})
+    assert len(data) < 2**20  # zeros compress: the limit applies to the unpacked size
+    error = _expect("too_large", data, "model.zip", max_bytes=2**20)
+    assert error.detail["max_bytes"] == 2**20
+
+
+def test_external_data_of_the_wrong_size_is_refused() -> None:
+    _expect("invalid_onnx", _zip({"model.onnx": _external_gemm("w.bin"), "w.bin": WEIGHTS[:40]}), "model.zip")
+    two = _zip({"a.onnx": _external_gemm("w.bin"), "b.onnx": _external_gemm("w.bin"), "w.bin": WEIGHTS})
+    error = _expect("invalid_onnx", two, "model.zip")
+    assert error.detail["models"] == ["a.onnx", "b.onnx"]

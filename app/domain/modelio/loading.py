@@ -12,13 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ModelImportError
+from .onnx_archive import is_onnx_archive, is_zip
 
 #: Default upper bound on an upload and on the total uncompressed size of an archive's members.
 DEFAULT_MAX_BYTES = 256 * 2**20
 #: Upper bound on the elements of the dry run's largest activation (batch size times per-example size).
 MAX_PROBE_ELEMENTS = 2**26
 
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _PICKLE_EXTENSIONS = (".pkl", ".pickle", ".pt", ".pth", ".ckpt")
 
 
@@ -53,7 +53,7 @@ def detect_format(data: bytes, filename: str) -> str:
         filename: The client's file name (only its extension is used).
 
     Returns:
-        ``"onnx"`` or ``"pt2"``.
+        ``"onnx"`` (an ONNX model, or a zip archive holding one with its external data) or ``"pt2"``.
 
     Raises:
         ModelImportError: ``pickle_refused`` for a (non-zip) pickle, ``not_a_pt2`` for a ``.pt2`` name
@@ -62,8 +62,8 @@ def detect_format(data: bytes, filename: str) -> str:
     ext = os.path.splitext(filename.lower())[1]
     if data[:1] == b"\x80" and len(data) > 1 and 2 <= data[1] <= 5:
         raise ModelImportError("pickle_refused", "Python pickles are never loaded; export with torch.export or ONNX")
-    if data[:4] in _ZIP_MAGIC:
-        return "pt2"
+    if is_zip(data):
+        return "onnx" if is_onnx_archive(data) else "pt2"
     if ext == ".pt2":
         raise ModelImportError("not_a_pt2", "a .pt2 file must be a torch.export zip archive")
     if ext == ".onnx" or data[:1] == b"\x08":
@@ -92,7 +92,8 @@ def load_model(
     for ``.pt2``), with finite outputs, and the same outputs for an example alone as within a batch.
 
     Args:
-        data: The uploaded bytes.
+        data: The uploaded bytes: an ONNX model, a zip archive holding one with its external-data files, or a
+            torch.export archive.
         filename: The client's file name (its extension helps pick the format).
         input_shape: Per-example input shape; required only when the graph leaves it dynamic.
         max_bytes: Upper bound on the upload and on an archive's total uncompressed size.
@@ -116,7 +117,7 @@ def load_model(
     if fmt == "onnx":
         from .onnx_import import translate_onnx
 
-        translation = translate_onnx(data, input_shape)
+        translation = translate_onnx(data, input_shape, max_bytes=max_bytes)
     else:
         from .pt2_import import translate_pt2
 

@@ -3,11 +3,13 @@
 Supported operators (default domain only):
 
 - layers: ``Gemm`` (any ``alpha``/``beta``/``transB``; ``transA=0``), ``MatMul`` with a constant weight
-  (a following constant ``Add`` becomes its bias), ``Conv`` (2-D; pads, strides, dilations, groups,
-  ``auto_pad``; asymmetric pads become an ``nn.ZeroPad2d`` in front);
+  (a following constant ``Add`` becomes its bias), ``Conv`` (2-D; pads, strides, dilations, ``auto_pad``;
+  asymmetric pads become an ``nn.ZeroPad2d`` in front; ``group`` > 1 is refused with ``unsupported_layer``
+  because the curvature core cannot fit grouped convolutions);
 - activations: ``Relu``, ``LeakyRelu``, ``Tanh``, ``Sigmoid``, ``Elu``, ``Softplus`` (also the
   ``Softplus``/``Greater``/``Where`` threshold pattern ``torch.onnx.export(dynamo=True)`` emits), ``Gelu``,
-  ``Clip`` with constant bounds (ReLU6 and hard-tanh);
+  ``Clip`` with constant bounds (ReLU6 and hard-tanh), and ``Mul(x, Sigmoid(x))`` as ``nn.SiLU`` (how both
+  torch exporters write SiLU);
 - shape: ``Flatten``, ``Reshape`` (constant or ``Shape``-derived target, ``allowzero`` 0 or 1, ``-1`` and
   ``0`` entries), ``Squeeze``, ``Unsqueeze``, and the shape arithmetic exporters emit for dynamic batch
   sizes (``Shape``, ``Gather``, ``Concat``, ``Slice``, ``Cast``, ``Constant``);
@@ -19,9 +21,10 @@ Supported operators (default domain only):
   ``Identity``, ``Dropout`` (inference), ``Constant`` and initializers, ``Transpose`` of constants;
 - a final ``Softmax``/``LogSoftmax``/``Sigmoid`` is stripped and reported.
 
-Everything else raises ``ModelImportError("unsupported_op")`` naming the operators. Tensors stored as
-external data are refused before anything reads them, because resolving their paths would read files of
-the server.
+Operator semantics shared with the ``.pt2`` importer live in :mod:`app.domain.modelio.ops`. Everything else
+raises ``ModelImportError("unsupported_op")`` naming the operators. Tensors stored as external data are read
+from the zip archive the model was uploaded in (:mod:`app.domain.modelio.onnx_archive`), never from a path; a
+model uploaded alone that refers to external data is refused naming the files it needs.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 
 from .errors import ModelImportError
 from .modules import Mean
+from .onnx_archive import OnnxArchive, inline_external_data, is_zip, read_onnx_archive
 from .ops import (
     OpRefused,
     activation_module,
@@ -167,18 +171,22 @@ def _tensors(graph: onnx.GraphProto):
                 yield from _tensors(sub)
 
 
-def parse_onnx(data: bytes) -> onnx.ModelProto:
-    """Decode and validate an ONNX model.
+def parse_onnx(data: bytes, archive: OnnxArchive | None = None, *, max_bytes: int) -> onnx.ModelProto:
+    """Decode and validate an ONNX model, copying its external data in from the uploaded archive.
 
     Args:
         data: The serialised ``ModelProto``.
+        archive: The zip archive the model came in, whose members hold its external data; ``None`` for a
+            model uploaded alone.
+        max_bytes: Upper bound on the external data copied into the model.
 
     Returns:
-        The checked model.
+        The checked model, every tensor embedded.
 
     Raises:
-        ModelImportError: ``invalid_onnx`` when decoding or ``onnx.checker`` fails, or a tensor lives in
-            external data (refused before it is read).
+        ModelImportError: ``invalid_onnx`` when decoding or ``onnx.checker`` fails, or a tensor refers to
+            external data that was not uploaded (refused naming the files; no path is ever opened);
+            ``unsafe_archive`` for an external-data location that is not a plain relative path.
     """
     try:
         model = onnx.load_from_string(data)
@@ -187,14 +195,7 @@ def parse_onnx(data: bytes) -> onnx.ModelProto:
     graphs = [model.graph]
     for function in model.functions:
         graphs.append(onnx.GraphProto(node=function.node))
-    for graph in graphs:
-        for tensor in _tensors(graph):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
-                raise ModelImportError(
-                    "invalid_onnx",
-                    f"tensor {tensor.name!r} refers to external data; upload a model with embedded weights",
-                    {"tensor": tensor.name},
-                )
+    inline_external_data([t for graph in graphs for t in _tensors(graph)], archive, max_bytes=max_bytes)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -202,12 +203,13 @@ def parse_onnx(data: bytes) -> onnx.ModelProto:
     return model
 
 
-def translate_onnx(data: bytes, input_shape: Sequence[int] | None) -> Translation:
-    """Rebuild an ONNX model as a torch module.
+def translate_onnx(data: bytes, input_shape: Sequence[int] | None, *, max_bytes: int) -> Translation:
+    """Rebuild an ONNX model, uploaded alone or as a zip archive with its external data, as a torch module.
 
     Args:
-        data: The serialised ONNX model.
+        data: The serialised ONNX model, or a zip archive holding it and its external-data files.
         input_shape: Per-example input shape; required when the graph's non-batch input dims are dynamic.
+        max_bytes: Upper bound on an archive's uncompressed size and on the external data.
 
     Returns:
         The rebuilt module with an ``onnx.reference`` evaluator of the original graph as reference.
@@ -215,7 +217,8 @@ def translate_onnx(data: bytes, input_shape: Sequence[int] | None) -> Translatio
     Raises:
         ModelImportError: For invalid models, unsupported operators or structures.
     """
-    model = parse_onnx(data)
+    archive = read_onnx_archive(data, max_bytes=max_bytes) if is_zip(data) else None
+    model = parse_onnx(data if archive is None else archive.model, archive, max_bytes=max_bytes)
     return _OnnxTranslator(model, input_shape).translate()
 
 

@@ -5,9 +5,12 @@ serialised graph JSON. Supported aten operators (both the default training IR of
 and the core-aten form after ``run_decompositions()``):
 
 - layers: ``linear``, ``addmm`` / ``mm`` / ``matmul`` with a constant weight (transposes of constants are
-  folded), ``conv2d`` (also with ``padding="same"/"valid"``), ``convolution`` (2-D, not transposed);
+  folded), ``conv2d`` (also with ``padding="same"/"valid"``, rebuilt as integer padding, with an
+  ``nn.ZeroPad2d`` in front where "same" is asymmetric), ``convolution`` (2-D, not transposed), zero
+  ``constant_pad_nd`` of the spatial dims; ``groups`` > 1 is refused with ``unsupported_layer`` because the
+  curvature core cannot fit grouped convolutions;
 - activations: ``relu``, ``relu6``, ``hardtanh``, ``leaky_relu``, ``tanh``, ``sigmoid``, ``elu``,
-  ``softplus``, ``gelu``, ``silu``;
+  ``softplus``, ``gelu``, ``silu`` (also as ``mul(x, sigmoid(x))``, its core-aten form);
 - shape: ``view``, ``reshape``, ``_unsafe_view``, ``flatten``, ``squeeze``, ``unsqueeze``, ``sym_size``;
 - pooling: ``max_pool2d`` (and ``_with_indices``), ``avg_pool2d``, ``adaptive_avg_pool2d``, ``mean.dim``;
 - other: inference ``batch_norm`` / ``_native_batch_norm_legit_no_training`` (folded into the preceding
@@ -16,7 +19,8 @@ and the core-aten form after ``run_decompositions()``):
   ``dropout`` (inference), ``clone`` / ``alias`` / ``detach``;
 - a final ``softmax`` / ``log_softmax`` / ``sigmoid`` is stripped and reported.
 
-The reference for the dry run runs the same serialised graph node by node through the whitelisted
+Operator semantics shared with the ONNX importer live in :mod:`app.domain.modelio.ops`. The reference for
+the dry run runs the same serialised graph node by node through the whitelisted
 ``torch.ops.aten`` overloads on real tensors, independently of the module rebuilt here.
 """
 
