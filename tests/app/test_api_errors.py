@@ -277,7 +277,7 @@ def test_tenants_are_isolated(client: httpx.Client, tiny_onnx: bytes) -> None:
 
 def test_later_job_kinds_answer_501(client: httpx.Client) -> None:
     _assert_error(client.post("/v1/jobs/optimise", json={"curvature": "kfra"}, headers=A), 422, "validation_error")
-    _assert_error(client.post("/v1/jobs/online-laplace", json={}, headers=A), 501, "not_implemented")
+    _assert_error(client.post("/v1/jobs/online-laplace", json={}, headers=A), 422, "validation_error")
     _assert_error(client.post("/v1/jobs/optimise", json={}), 401)
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Response
 
 from app.api.deps import ServicesDep, TenantDep
 from app.api.schemas import ERROR_RESPONSES, JobOut, JobSubmitted
 from app.api.services import Services
-from app.domain.errors import Conflict, NotFound, NotImplementedYet
+from app.domain.errors import Conflict, NotFound
 from app.domain.jobs import JobRecord
-from app.domain.kinds import OPTIMISE, submit
+from app.domain.kinds import ONLINE_LAPLACE, OPTIMISE, submit
 from app.domain.kinds.base import Artifacts
+from app.domain.kinds.online import OnlineLaplaceRequest
 from app.domain.kinds.optimise import OptimiseRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -78,7 +77,10 @@ def get_artifact(job_id: str, name: str, services: ServicesDep, tenant: TenantDe
     return Response(data, media_type=media_type)
 
 
-@router.post("/online-laplace", responses=_NOT_YET, status_code=202)
-def submit_online_laplace(tenant: TenantDep, body: dict[str, Any] = Body(default_factory=dict)) -> None:
-    """Online-Laplace (continual learning) jobs: planned, not available yet."""
-    raise NotImplementedYet("online-Laplace jobs are not available in this version", detail={"kind": "online-laplace"})
+@router.post("/online-laplace", status_code=202, response_model=JobSubmitted, responses=ERROR_RESPONSES)
+def submit_online_laplace(request: OnlineLaplaceRequest, services: ServicesDep, tenant: TenantDep) -> JobSubmitted:
+    """Learns a sequence of tasks (one dataset each, with validation splits) without forgetting: online / EWC /
+    non-online Laplace, Synaptic Intelligence, fine-tuning or joint training. The result is the accuracy matrix,
+    the final model with its posterior ready for predict, and the learner's state for ``continue_from``."""
+    job, _ = submit(services, ONLINE_LAPLACE, tenant, request)
+    return JobSubmitted.of(job)

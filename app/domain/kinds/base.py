@@ -69,10 +69,12 @@ class Checkpoints:
     def __init__(self, backend: Backend) -> None:
         self.store = backend.store
 
-    def save(self, job_id: str, blob: bytes, meta: dict[str, Any]) -> None:
-        """Stores ``blob`` as the job's latest checkpoint with JSON-able ``meta``."""
+    def save(self, job_id: str, blob: bytes, meta: dict[str, Any], blobs: dict[str, str] | None = None) -> None:
+        """Stores ``blob`` as the job's latest checkpoint with JSON-able ``meta``; ``blobs`` names further stored
+        blobs the checkpoint needs (kept from garbage collection while it exists)."""
         sha = self.store.put_blob(blob)
-        self.store.put_record(self.KIND, job_id, {"sha256": sha, "meta": meta, "saved_at": time.time()})
+        record = {"sha256": sha, "meta": meta, "saved_at": time.time(), "blobs": dict(blobs or {})}
+        self.store.put_record(self.KIND, job_id, record)
 
     def load(self, job_id: str) -> tuple[bytes, dict[str, Any]] | None:
         """The job's latest checkpoint ``(blob, meta)``, or ``None``."""
@@ -94,7 +96,12 @@ class Artifacts:
     """
 
     KIND = "artifacts"
-    MEDIA_TYPES = {".json": "application/json", ".png": "image/png", ".csv": "text/csv"}
+    MEDIA_TYPES = {
+        ".json": "application/json",
+        ".png": "image/png",
+        ".csv": "text/csv",
+        ".safetensors": "application/octet-stream",
+    }
 
     def __init__(self, backend: Backend) -> None:
         self.store = backend.store
