@@ -904,3 +904,16 @@ def test_external_data_of_the_wrong_size_is_refused() -> None:
     two = _zip({"a.onnx": _external_gemm("w.bin"), "b.onnx": _external_gemm("w.bin"), "w.bin": WEIGHTS})
     error = _expect("invalid_onnx", two, "model.zip")
     assert error.detail["models"] == ["a.onnx", "b.onnx"]
+
+
+def test_both_importers_map_onto_the_shared_operator_vocabulary() -> None:
+    from app.domain.modelio import onnx_import, ops, pt2_import
+
+    for importer in (onnx_import, pt2_import):
+        assert {kind for kind, _ in importer._ACTIVATIONS.values()} <= set(ops.ACTIVATIONS)
+        assert set(importer._ARITHMETIC.values()) == set(ops.ARITHMETIC)
+        assert set(importer._FINAL_ACTIVATIONS.values()) == ops.OUTPUT_ACTIVATIONS
+        assert {*importer._ACTIVATIONS, *importer._ARITHMETIC, *importer._FINAL_ACTIVATIONS} <= importer.SUPPORTED_OPS
+    logits = torch.randn(3, 4)
+    for activation in ops.OUTPUT_ACTIVATIONS:
+        assert apply_output_activation(logits, activation).shape == logits.shape

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,12 @@ def _tensors(graph: onnx.GraphProto):
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]):
+    """Every TensorProto stored in the attributes of ``nodes`` and of their sub-graphs (the stored objects)."""
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
@@ -192,10 +197,8 @@ def parse_onnx(data: bytes, archive: OnnxArchive | None = None, *, max_bytes: in
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf raises several unrelated types on corrupt input
         raise ModelImportError("invalid_onnx", f"not a decodable ONNX model: {exc}") from None
-    graphs = [model.graph]
-    for function in model.functions:
-        graphs.append(onnx.GraphProto(node=function.node))
-    inline_external_data([t for graph in graphs for t in _tensors(graph)], archive, max_bytes=max_bytes)
+    tensors = [*_tensors(model.graph), *(t for function in model.functions for t in _node_tensors(function.node))]
+    inline_external_data(tensors, archive, max_bytes=max_bytes)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
