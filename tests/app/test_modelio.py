@@ -866,19 +866,28 @@ HOSTILE_ARCHIVES = {
 }
 
 
-@pytest.fixture
-def opened_files():
-    """Paths opened by this process while the test runs (an audit hook, switched off afterwards)."""
-    opened: list[str] = []
-    active = [True]
+OPENED: list[str] = []
+AUDITING = [False]
+
+
+@pytest.fixture(scope="module")
+def _open_audit_hook() -> None:
+    """One audit hook for the module (hooks cannot be removed), recording opened paths while switched on."""
 
     def hook(event: str, args: tuple) -> None:
-        if active[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            opened.append(os.fsdecode(args[0]))
+        if AUDITING[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            OPENED.append(os.fsdecode(args[0]))
 
     sys.addaudithook(hook)
-    yield opened
-    active[0] = False
+
+
+@pytest.fixture
+def opened_files(_open_audit_hook):
+    """Paths this process opens while the test runs."""
+    OPENED.clear()
+    AUDITING[0] = True
+    yield OPENED
+    AUDITING[0] = False
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_ARCHIVES))
