@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from .estimators import fit_diagonal, fit_kronecker
 from .kron import KronEigen, factored_damping, trace_norm_omega
@@ -382,10 +382,18 @@ class SecondOrderOptimizer:
             f = functional_call(self.model, params, (x,))
             return f.unsqueeze(-1) if f.dim() == 1 else f
 
-        f = None
+        split = [self._split(t) for t in tangents]
+        if len(split) > 1:
+            # one pass for all tangents: the primal is computed once and the tangent products are batched
+            stacked = {k: torch.stack([t[k] for t in split]) for k in split[0]}
+            try:
+                f, jvs = vmap(lambda t: jvp(fn, (primals,), (t,)), out_dims=(None, 0))(stacked)
+                return f, list(jvs.unbind(0))
+            except RuntimeError:  # an operation without a batching rule: one pass per tangent
+                pass
         out = []
-        for tangent in tangents:
-            f, jv = jvp(fn, (primals,), (self._split(tangent),))
+        for tangent in split:
+            f, jv = jvp(fn, (primals,), (tangent,))
             out.append(jv)
         return f, out
 
