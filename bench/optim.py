@@ -339,8 +339,11 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"kfac-jax one-off compilation: {result['methods']['kfac_jax']['compile_seconds']:.1f} s CPU.")
     bar = result.get("bar")
     if bar:
-        lines += ["", "Bar (KFRA and KFLR: fewer steps than kfac-jax to Adam's loss, no more CPU time than Adam, "
-                  "final loss below kfac-jax's):"]
+        lines += [
+            "",
+            "Bar (KFRA and KFLR: fewer steps than kfac-jax to Adam's loss, no more CPU time than Adam, "
+            "final loss below kfac-jax's):",
+        ]
         lines += [f"- {name}: {'met' if ok else 'not met'} ({why})" for name, (ok, why) in bar.items()]
     path.write_text("\n".join(lines) + "\n")
 

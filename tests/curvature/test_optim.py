@@ -111,9 +111,7 @@ def test_output_curvature_closed_forms_match_square_roots(lik_name):
 def test_step_equals_dense_damped_solve_and_quadratic_minimiser(curvature, damping, n):
     model, x, y, lik = make_problem(MLP_TANH, "ce", n=n)
     reference = copy.deepcopy(model)
-    cfg = cv.OptimizerConfig(
-        curvature=curvature, damping=damping, weight_decay=0.03, tau=0.2, zeta=0.5, momentum=False
-    )
+    cfg = cv.OptimizerConfig(curvature=curvature, damping=damping, weight_decay=0.03, tau=0.2, zeta=0.5, momentum=False)
     opt = cv.SecondOrderOptimizer(model, lik, cfg)
     info, update = _step_and_update(opt, model, x, y)
     if curvature in ("kflr", "kfra"):  # KFRA is exact for one data point
