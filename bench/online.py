@@ -208,13 +208,18 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Online Laplace: permuted and disjoint MNIST-5k",
         "",
-        f"784-100-100-10 ReLU MLP; Adam lr {m['lr']:g}, batch {m['batch_size']}, {m['epochs']} epochs per task on "
-        f"permuted and {m['disjoint_epochs']} on disjoint MNIST, the same for "
-        f"every method; prior precision τ = {m['prior_precision']:g}; KF = KFLR, diag = exact GGN diagonal. "
+        f"784-100-100-10 ReLU MLP; batch {m['batch_size']}, {m['epochs']} epochs per task on permuted and "
+        f"{m['disjoint_epochs']} on disjoint MNIST, the same for every method; optimisers chosen on validation from "
+        f"{m['optimizers']['permuted']} (permuted) and {m['optimizers']['disjoint']} (disjoint; nag = Nesterov "
+        "momentum 0.9, lr 0.1, second task's lr divided by max(1, strength/10)); Adam lr "
+        f"{m['lr']:g}; prior precision τ = {m['prior_precision']:g}; KF = KFLR, diag = exact GGN diagonal. "
         "Strength (λ, or c for SI) chosen by the mean validation accuracy over all tasks after the last task; "
-        f"test accuracy reported. {m['device']}, torch {m['torch']}, seed {m['seed']}, {m['seconds']:.0f} s in total.",
+        f"test accuracy reported. {m['device']}, torch {m['torch']}, seed {m['seed']}.",
         "",
-        f"Command: `{m['command']}`",
+        *[
+            f"- {b}: `{m['commands'][b]}` — {m['seconds'][b]:.0f} s ({m['load'][b]} on 2 shared cores)"
+            for b in m["commands"]
+        ],
         "",
     ]
     for bench, title in (("permuted", "Permuted MNIST-5k"), ("disjoint", "Disjoint MNIST-5k (0-4, then 5-9)")):
@@ -312,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="stop a row's grid (ascending) once validation accuracy fell below its best this many times in a row; 0: never",
     )
+    parser.add_argument("--update", action="store_true", help="keep the other benchmark's results in online.json")
     parser.add_argument("--quick", action="store_true", help="3 tasks, 2 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -322,29 +328,41 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {list(ROWS)}")
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    results = {}
+    results, seconds = {}, {}
     for bench in args.benchmarks.split(","):
         tasks = permuted_mnist(args.tasks, seed=args.seed) if bench == "permuted" else disjoint_mnist(seed=args.seed)
         log(f"{bench}: {len(tasks)} tasks of {len(tasks[0].train)} / {len(tasks[0].val)} / {len(tasks[0].test)}")
+        t0 = time.perf_counter()
         results[bench] = run_bench(bench, tasks, rows, args)
-    payload = {
-        "meta": {
-            "command": "python -m bench.online " + " ".join(sys.argv[1:] if argv is None else argv),
-            "tasks": args.tasks,
-            "epochs": args.epochs,
-            "disjoint_epochs": args.disjoint_epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "prior_precision": args.prior_precision,
-            "seed": args.seed,
-            "grids": {"laplace": LAPLACE_GRID, "si": SI_GRID},
-            "device": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f}",
-            "torch": torch.__version__,
-            "seconds": time.perf_counter() - started,
-        },
-        "results": results,
+        seconds[bench] = time.perf_counter() - t0
+    command = "python -m bench.online " + " ".join(sys.argv[1:] if argv is None else argv)
+    load = f"load {os.getloadavg()[0]:.1f} at the end"
+    meta = {
+        "commands": {bench: command for bench in results},
+        "tasks": args.tasks,
+        "epochs": args.epochs,
+        "disjoint_epochs": args.disjoint_epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "prior_precision": args.prior_precision,
+        "seed": args.seed,
+        "grids": {"laplace": LAPLACE_GRID, "si": SI_GRID},
+        "optimizers": {"permuted": args.optimizers, "disjoint": args.disjoint_optimizers},
+        "device": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s) per process",
+        "load": {bench: load for bench in results},
+        "torch": torch.__version__,
+        "seconds": seconds,
     }
+    previous = args.out / "online.json"
+    if args.update and previous.exists():  # keep the other benchmark's results from an earlier (or parallel) run
+        old = json.loads(previous.read_text())
+        for bench in ("permuted", "disjoint"):
+            if bench not in results and bench in old:
+                results[bench] = old[bench]
+                for key in ("commands", "load", "seconds"):
+                    meta[key][bench] = old["meta"][key][bench]
+        results = {b: results[b] for b in ("permuted", "disjoint") if b in results}
+    payload = {"meta": meta, "results": results}
     payload["bar"] = bar(results)
     # the requested layout: {"permuted": {ROW: {...}}, "disjoint": {...}}, with the run's details beside it
     doc = {**results, "meta": payload["meta"], "bar": payload["bar"]}
