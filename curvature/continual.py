@@ -277,13 +277,15 @@ class ContinualLearner:
 
     Example::
 
-        learner = ContinualLearner(model, CrossEntropy(), ContinualConfig(method="online", curvature="kflr",
-                                                                          strength=3.0))
-        for t, task in enumerate(tasks):
-            learner.learn_task(task.train, previous=[s.train for s in tasks[:t]], progress=print)
-            learner.record_accuracy([s.val for s in tasks[: t + 1]])
+        cfg = ContinualConfig(method="online", curvature="kflr", strength=3.0)
+        learner = ContinualLearner(model, CrossEntropy(), cfg)
+        for t, (train, val) in enumerate(tasks):          # (x, y) pairs
+            learner.learn_task(train, previous=[tr for tr, _ in tasks[:t]], progress=print)
+            learner.record_accuracy([v for _, v in tasks[: t + 1]])     # row R[t]
             blob = learner.to_bytes()                      # checkpoint; resume with from_bytes
         post = learner.posterior()                         # a curvature.LaplacePosterior on the latest weights
+
+    :func:`run_tasks` is this loop, starting at the task a restored learner stopped before.
 
     Args:
         model: the network; trained in place. Its Linear / Conv2d layers carry the penalties.
@@ -615,7 +617,7 @@ class ContinualLearner:
         Laplace methods: precision ``τ I + λ Σ_i N_i C_i`` (see the module docstring for how a Kronecker sum
         becomes one block), ``n_data = N`` (all tasks), ``n_eff = λ N``. ``si``, ``finetune`` and ``joint`` hold
         no curvature: pass ``data`` to fit the configured curvature on it at the current weights (``n_eff`` = its
-        size).
+        size). A prior precision of 0 is served as 1e-8 (the posterior needs a proper prior).
         """
         approximation = KronSum(approximation)
         tau = self.config.prior_precision if prior_precision is None else float(prior_precision)
