@@ -124,9 +124,9 @@ def quality_figures(results: dict, best: str | None, outdir: Path, log: Callable
     reliability_figure(rel, outdir / "reliability.png")
     written.append("reliability.png")
 
-    mlp = [n for n in ("map", "kfac", "kflr", "kfra", "diag", "laplace_torch_kron") if n in results]
+    mlp = [n for n in ("map", "default", "kfac", "kflr", "kfra", "diag", "laplace_torch_kron") if n in results]
     panels = {"784-1024-1024-10 MLP": {n: results[n]["curves"]["ood_entropy"] for n in mlp}}
-    cnn = [n for n in ("cnn_map", "cnn_kfac", "cnn_kflr") if n in results]
+    cnn = [n for n in ("cnn_map", "cnn_default", "cnn_kfac", "cnn_kflr") if n in results]
     if cnn:
         panels["LeNet CNN"] = {n: results[n]["curves"]["ood_entropy"] for n in cnn}
     entropy_icdf_figure(panels, outdir / "letters_entropy.png")

@@ -51,9 +51,9 @@ from .options import (
     Task,
     Tuning,
 )
-from .posterior import LaplacePosterior
+from .posterior import DiagBlock, KronBlock, LaplacePosterior, LayerPosterior
 from .predictive import predict
-from .tuning import TuningResult, tune_marglik, tune_null_prior, tune_validation
+from .tuning import TuningResult, tune_linearised, tune_marglik, tune_null_prior, tune_validation
 
 __all__ = [
     "CURVATURES",
@@ -67,6 +67,9 @@ __all__ = [
     "Tuning",
     "LaplaceConfig",
     "LaplacePosterior",
+    "LayerPosterior",
+    "KronBlock",
+    "DiagBlock",
     "OptimizerConfig",
     "SecondOrderOptimizer",
     "StepInfo",
@@ -79,6 +82,7 @@ __all__ = [
     "nll_classification",
     "nll_gaussian",
     "predict",
+    "tune_linearised",
     "tune_marglik",
     "tune_null_prior",
     "tune_validation",

@@ -31,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "LETTERS",
+    "LETTER_STYLES",
     "Split",
     "Splits",
     "digits",
@@ -38,10 +39,14 @@ __all__ = [
     "letter_fonts",
     "letters",
     "mnist5k",
+    "ood_suite",
     "permuted_mnist",
     "split_mnist",
     "toy_regression",
 ]
+
+LETTER_STYLES: tuple[str, ...] = ("notmnist", "mnist", "small")
+"""How :func:`letters` sizes and places its glyphs."""
 
 LETTERS: str = "ABCDEFGHIJ"
 """The ten notMNIST classes; label ``k`` of :func:`letters` is ``LETTERS[k]``."""
@@ -403,14 +408,16 @@ def letters(
     most of the frame as in the notMNIST data set: its longest side is 22–28 px and it sits anywhere the
     frame allows. With ``style="mnist"`` it is normalised like MNIST digits instead: fitted into a 17–20 px
     box with its centre of mass within about one pixel of the image centre — a harder out-of-distribution
-    set. The ten letters occur equally often (±1). Results depend on ``seed`` and on the fonts installed.
+    set. With ``style="small"`` the glyph is fitted into a 9–16 px box placed anywhere in the frame, leaving
+    most of it empty. The ten letters occur equally often (±1). Results depend on ``seed`` and on the fonts
+    installed.
 
     Args:
         n: Number of images.
         seed: Seed of every random choice.
         flat: ``True`` for ``(n, 784)``, ``False`` for ``(n, 1, 28, 28)``.
         return_labels: Also return int64 labels, ``k`` meaning ``LETTERS[k]``.
-        style: ``"notmnist"`` or ``"mnist"`` (see above).
+        style: ``"notmnist"``, ``"mnist"`` or ``"small"`` (see above).
 
     Returns:
         Float32 images in ``[0, 1]``, and the ``(n,)`` labels if ``return_labels``.
@@ -421,8 +428,8 @@ def letters(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     _check_seed(seed)
-    if style not in ("notmnist", "mnist"):
-        raise ValueError(f"style must be 'notmnist' or 'mnist', got {style!r}")
+    if style not in LETTER_STYLES:
+        raise ValueError(f"style must be one of {LETTER_STYLES}, got {style!r}")
     rng = np.random.default_rng(seed)
     fonts: tuple[str | None, ...] = letter_fonts() or (None,)
     labels = rng.permutation(np.arange(n) % len(LETTERS))
@@ -442,12 +449,66 @@ def letters(
         if style == "notmnist":
             box = int(rng.integers(22, 29))
             placement = tuple(rng.uniform(0.0, 1.0, size=2))
+        elif style == "small":
+            box = int(rng.integers(9, 17))
+            placement = tuple(rng.uniform(0.0, 1.0, size=2))
         images[i] = _render_letter(LETTERS[label], font, stroke, matrix, box, shift, placement)
 
     x = torch.from_numpy(images).reshape(n, -1) if flat else torch.from_numpy(images).unsqueeze(1)
     if return_labels:
         return x, torch.from_numpy(labels.astype(np.int64))
     return x
+
+
+# --------------------------------------------------------------------------------------------------------
+# Out-of-distribution sets built from digits and letters
+
+
+def ood_suite(x_digits: Tensor, n: int = 500, seed: int = 0) -> dict[str, Tensor]:
+    """Out-of-distribution image sets for a digit classifier, each of ``n`` images in the layout of ``x_digits``.
+
+    * ``letters``: :func:`letters` in every style (notMNIST-like frame-filling, MNIST-like centred, small glyphs
+      that leave most of the frame empty), a third each, over every usable font and sizes 40–64;
+    * ``inverted``: the digits, black on white (``1 − x``);
+    * ``noise``: uniform noise in ``[0, 1]``;
+    * ``rotated``: the digits turned by 90° or 270° (a random choice per image);
+    * ``scaled``: the digits multiplied by ``10^u``, ``u ~ U(0.5, 3)`` (×3 to ×1000).
+
+    Digits are drawn (with replacement) from ``x_digits`` — pass digits the model was not trained on.
+
+    Args:
+        x_digits: in-distribution images in ``[0, 1]``, ``(N, 784)`` or ``(N, 1, 28, 28)``.
+        n: images per set.
+        seed: seed of every random choice.
+
+    Returns:
+        Sets by name, float32 tensors shaped like ``x_digits[:n]``.
+    """
+    _check_seed(seed)
+    if x_digits.shape[0] < 1 or x_digits[0].numel() != 28 * 28:
+        raise ValueError(f"ood_suite needs 28×28 digits, got shape {tuple(x_digits.shape)}")
+    rng = np.random.default_rng(seed)
+    shape = (n, *x_digits.shape[1:])
+    parts = [
+        letters(k, seed=seed + i, style=style)
+        for i, (k, style) in enumerate(zip((n - 2 * (n // 3), n // 3, n // 3), LETTER_STYLES, strict=True))
+        if k
+    ]
+    mixed = torch.cat(parts)[torch.from_numpy(rng.permutation(n))]
+    pick = torch.from_numpy(rng.integers(0, x_digits.shape[0], size=n))
+    digits_n = x_digits[pick].reshape(n, 1, 28, 28).float()
+    turns = torch.from_numpy(rng.choice([1, 3], size=n))
+    rotated = torch.stack([torch.rot90(d, int(k), dims=(-2, -1)) for d, k in zip(digits_n, turns, strict=True)])
+    scale = torch.from_numpy(10.0 ** rng.uniform(0.5, 3.0, size=n)).float().view(n, 1, 1, 1)
+    noise = torch.from_numpy(rng.uniform(0.0, 1.0, size=(n, 28 * 28)).astype(np.float32))
+    sets = {
+        "letters": mixed,
+        "inverted": 1.0 - digits_n,
+        "noise": noise,
+        "rotated": rotated,
+        "scaled": digits_n * scale,
+    }
+    return {name: t.reshape(shape).contiguous() for name, t in sets.items()}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -131,20 +131,27 @@ def glm_covariance(post, feats: GLMFeatures, n_eff: float | None = None, prior: 
         inv = 1.0 / post.eigenvalues(name, n_eff, None if prior is None else prior[name])
         if a2 is not None:
             m = a2 @ inv.T  # (B, out)
-            cov += torch.einsum("cbo,dbo,bo->bcd", g, g, m)
+            gb = g.transpose(0, 1)  # (B, C, out)
+            cov += (gb * m.unsqueeze(1)) @ gb.transpose(-1, -2)
         else:
-            cov += torch.einsum("bcoi,bdoi,oi->bcd", g, g, inv)
+            flat = g.flatten(2)  # (B, C, out·in)
+            cov += (flat * inv.reshape(1, 1, -1)) @ flat.transpose(-1, -2)
     return cov
 
 
 def _logit_samples(mean: Tensor, cov: Tensor, samples: int, seed: int) -> Tensor:
     c = mean.shape[-1]
-    jitter = 1e-9 * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
-    chol, info = torch.linalg.cholesky_ex(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
+    # Factor each covariance scaled to unit mean variance: far-out inputs have variances of 1e30 and more, where
+    # an unscaled Cholesky or eigh loses all precision (or fails to converge).
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+    unit = cov / scale
+    eye = torch.eye(c, dtype=cov.dtype, device=cov.device)
+    chol, info = torch.linalg.cholesky_ex(unit + 1e-9 * eye)
     bad = info != 0
     if bool(bad.any()):
-        s, u = torch.linalg.eigh(cov[bad])
-        chol[bad] = u * s.clamp_min(0).sqrt().unsqueeze(-2)
+        s, u = torch.linalg.eigh(unit[bad].double())
+        chol[bad] = (u * s.clamp_min(0).sqrt().unsqueeze(-2)).to(chol.dtype)
+    chol = chol * scale.sqrt()
     # One set of K standard normals shared by every input (as the MC predictive shares its K weight samples), so
     # an input's prediction does not depend on the batch it arrives in or on its position there.
     gen = torch.Generator(device=mean.device).manual_seed(seed)
@@ -184,6 +191,43 @@ def regression_summary(mean: Tensor, epistemic: Tensor, sigma: float) -> dict[st
     }
 
 
+def _with_fallback(summary: dict[str, Tensor], bad: Tensor, regression: bool) -> dict[str, Tensor]:
+    """Replace the rows ``bad`` (inputs whose outputs or covariances are not finite) by the most uncertain answer.
+
+    Classification: uniform probabilities, all of their entropy epistemic; regression: mean 0 with a huge
+    (finite) epistemic variance. Every value stays finite, so a response never carries NaN or infinity, and the
+    row's scores take their largest values, so the input is flagged.
+    """
+    out = dict(summary)
+    out["fallback"] = bad
+    if not bool(bad.any()):
+        return out
+    rows = bad.unsqueeze(-1)
+    if regression:
+        big = torch.full_like(out["variance"], 1e30)
+        out["mean"] = torch.where(rows, torch.zeros_like(out["mean"]), out["mean"])
+        out["epistemic_variance"] = torch.where(rows, big, out["epistemic_variance"])
+        out["variance"] = out["aleatoric_variance"] + out["epistemic_variance"]
+        h = 0.5 * torch.log(2 * math.pi * math.e * out["variance"]).sum(-1)
+        out["entropy"] = h
+        out["mutual_information"] = (h - out["expected_entropy"]).clamp_min(0.0)
+        return out
+    c = out["probs"].shape[-1]
+    uniform = torch.full_like(out["probs"], 1.0 / c)
+    out["probs"] = torch.where(rows, uniform, out["probs"])
+    log_c = torch.full_like(out["entropy"], math.log(c))
+    out["entropy"] = torch.where(bad, log_c, out["entropy"])
+    out["expected_entropy"] = torch.where(bad, torch.zeros_like(log_c), out["expected_entropy"])
+    out["mutual_information"] = torch.where(bad, log_c, out["mutual_information"])
+    out["max_prob"] = torch.where(bad, uniform[..., 0], out["max_prob"])
+    return out
+
+
+def _finite_rows(t: Tensor) -> Tensor:
+    """Rows (first dimension) of ``t`` whose entries are all finite."""
+    return torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
+
+
 def ood_score_of(summary: dict[str, Tensor], score: str) -> Tensor:
     """Higher means more out-of-distribution."""
     if score == "max_prob":
@@ -212,23 +256,33 @@ def predictive_summary(
         if n_eff is not None or prior is not None:
             raise ValueError("MC predictive uses the posterior's own hyper-parameters.")
         outs = mc_outputs(post, x, samples, seed)
+        ok = _finite_rows(outs.transpose(0, 1))
+        outs = torch.where(ok.view(1, -1, *([1] * (outs.dim() - 2))), outs, torch.zeros_like(outs))
         if regression:
-            return regression_summary(outs.mean(0), outs.var(0, unbiased=False), post.likelihood.sigma)
-        return classification_summary(outs)
+            summary = regression_summary(outs.mean(0), outs.var(0, unbiased=False), post.likelihood.sigma)
+        else:
+            summary = classification_summary(outs)
+        return _with_fallback(summary, ~ok, regression)
     if predictive != "glm":
         raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}.")
+    if link not in ("mc", "probit"):
+        raise ValueError(f"link must be 'mc' or 'probit', got {link!r}.")
     feats = glm_features(post, x) if feats is None else feats
     cov = glm_covariance(post, feats, n_eff, prior)
+    ok = _finite_rows(feats.f) & _finite_rows(cov)
+    f = torch.where(ok.unsqueeze(-1), feats.f, torch.zeros_like(feats.f))
+    cov = torch.where(ok.view(-1, 1, 1), cov, torch.zeros_like(cov))
     if regression:
-        return regression_summary(feats.f, cov.diagonal(dim1=-2, dim2=-1), post.likelihood.sigma)
-    logits = _logit_samples(feats.f, cov, samples, seed)
+        summary = regression_summary(f, cov.diagonal(dim1=-2, dim2=-1), post.likelihood.sigma)
+        return _with_fallback(summary, ~ok, regression)
+    logits = _logit_samples(f, cov, samples, seed)
     probs = None
     if link == "probit":
         kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * cov.diagonal(dim1=-2, dim2=-1))
-        probs = torch.softmax(feats.f * kappa, -1)
-    elif link != "mc":
-        raise ValueError(f"link must be 'mc' or 'probit', got {link!r}.")
-    return classification_summary(logits, probs)
+        probs = torch.softmax(f * kappa, -1)
+    summary = classification_summary(logits, probs)
+    ok = ok & _finite_rows(summary["probs"]) & torch.isfinite(summary["mutual_information"])
+    return _with_fallback(summary, ~ok, regression)
 
 
 def predict(
@@ -262,19 +316,50 @@ def predict(
         raise ValueError("Empty batch.")
     seed = int(post.metadata.get("seed", 0)) if seed is None else int(seed)
     score = ood_score or str(post.metadata.get("ood_score", "entropy"))
+    if score not in OOD_SCORES:
+        raise ValueError(f"Unknown OOD score {score!r}; choose from {OOD_SCORES}.")
     device, dtype = post.blocks[post.layers[0].name].mean.device, post.blocks[post.layers[0].name].mean.dtype
     x = x.to(device=device, dtype=dtype)
+    # Non-finite inputs never reach the network: they are answered by the fallback (see _with_fallback).
+    finite_in = _finite_rows(x)
+    x = torch.where(finite_in.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
     parts = [
         predictive_summary(post, x[i : i + batch_size], samples, predictive, seed, link)
         for i in range(0, x.shape[0], batch_size)
     ]
     out = {k: torch.cat([p[k] for p in parts], 0) for k in parts[0]}
+    out = _with_fallback(out, out["fallback"] | ~finite_in, isinstance(post.likelihood, Gaussian))
+    out["out_of_range"] = out_of_range(post, x) | ~finite_in
     out["ood_score"] = ood_score_of(out, score)
+    if "probs" in out:  # inputs out of range score the score's largest value (uniform probabilities)
+        c = out["probs"].shape[-1]
+        top = 1.0 - 1.0 / c if score == "max_prob" else math.log(c)
+        out["ood_score"] = torch.where(out["out_of_range"], torch.full_like(out["ood_score"], top), out["ood_score"])
     threshold = post.ood_table.get(predictive, {}).get(score, math.nan)
     out["ood_threshold"] = torch.tensor(threshold, dtype=torch.float64)
-    out["ood"] = (
+    above = (
         out["ood_score"].double() > threshold
         if not math.isnan(threshold)
         else torch.zeros_like(out["entropy"], dtype=torch.bool)
     )
+    out["ood"] = above | out["fallback"] | out["out_of_range"]
     return out
+
+
+INPUT_RANGE_FACTOR = 4.0
+"""An input whose norm exceeds this multiple of the largest training-input norm is out of range (always flagged)."""
+
+
+def out_of_range(post, x: Tensor) -> Tensor:
+    """Inputs far outside the training range: ``‖x‖ > INPUT_RANGE_FACTOR · max ‖x_train‖``.
+
+    The largest training-input norm is recorded by :func:`~curvature.laplace.fit_laplace` as the metadata key
+    ``input_norm_max``; without it nothing is out of range. Scores of networks with ReLUs are nearly scale
+    invariant (``f(s x) ≈ s f(x)`` makes a scaled digit look more confident, not less), so this guard is what
+    flags a digit multiplied by 1e3 or 1e30.
+    """
+    limit = post.metadata.get("input_norm_max")
+    if limit is None:
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    norms = x.reshape(x.shape[0], -1).double().norm(dim=-1)
+    return ~(norms <= INPUT_RANGE_FACTOR * float(limit))
