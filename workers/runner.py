@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from app.domain.backend import Backend
 from app.domain.settings import Settings, get_settings
+from app.domain.store import StoreIdentity, StoreMismatch
 from workers.broker import make_worker_broker
 
 logger = logging.getLogger(__name__)
@@ -29,18 +32,45 @@ def start_worker(broker: RedisBroker, settings: Settings) -> dramatiq.Worker:
     return worker
 
 
+def check_store(settings: Settings, redis_url: str) -> dict[str, str]:
+    """Checks that this worker's artifact store is the API's (recording it when no API has yet).
+
+    Raises:
+        StoreMismatch: Redis names another store.
+        redis.RedisError: Redis is unreachable.
+    """
+    backend = Backend.connect(settings, redis_url=redis_url)
+    try:
+        return StoreIdentity(backend.redis, settings.redis_namespace, backend.store).verify()
+    finally:
+        backend.close()
+
+
 def run_worker(settings: Settings | None = None) -> int:
     """Runs a worker process until SIGTERM / SIGINT; returns the exit status.
 
     Args:
         settings: Service settings; read from the environment when omitted. ``KRONLAP_REDIS_URL`` is
             required (embedded mode runs its worker inside ``kronlap serve``).
+
+    Returns:
+        0 after a requested stop; 2 when the configuration is unusable (no Redis URL, or an artifact store
+        that is not the API's).
     """
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.embedded:
         logger.error("KRONLAP_REDIS_URL is not set: a stand-alone worker needs the shared Redis")
         return 2
+    try:
+        store = check_store(settings, settings.redis_url or "")
+    except StoreMismatch as exc:
+        logger.error("refusing to start: %s", exc)
+        return 2
+    except redis.RedisError as exc:
+        logger.error("refusing to start: Redis at KRONLAP_REDIS_URL is unreachable (%s)", exc)
+        return 2
+    logger.info("artifact store %s (id %s)", store["path"], store["id"][:8])
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 

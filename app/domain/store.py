@@ -6,11 +6,14 @@ Layout::
     <root>/records/<kind>/<id>.json     one record per model / dataset / fit / job checkpoint / job's artifacts,
                                         naming its blobs by sha256
     <root>/tmp/                         staging area for atomic writes (same file system as the rest)
+    <root>/store-id                     random id of this store, written once (see :class:`StoreIdentity`)
 
 Every write goes to ``tmp/`` first, is flushed and fsync-ed, then ``os.replace``-d into place, so readers
 never see a partial file and a crash leaves at most an orphan in ``tmp/``. Blobs are written once: storing
 bytes whose hash already exists is a no-op, which makes re-delivered jobs idempotent. The interface is small
-(put/get blob, put/get/delete/list record) so an object store can sit behind it later.
+(put/get blob, put/get/delete/list record, :class:`Store`); :class:`app.domain.objectstore.S3ArtifactStore`
+implements it on S3-compatible object storage with the same layout, and :func:`app.domain.backend.open_store`
+picks one from the settings.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-KINDS = ("models", "datasets", "fits", "checkpoints", "artifacts")
+KINDS = ("models", "datasets", "fits", "checkpoints", "artifacts", "shards")
+STORE_ID_FILE = "store-id"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -41,6 +46,30 @@ def valid_id(value: str) -> bool:
     return bool(_ID.match(value))
 
 
+class Store(Protocol):
+    """What every artifact store offers (the directory store here, object storage in :mod:`app.domain.objectstore`).
+
+    Attributes:
+        location: Where the store is, for people (an absolute directory, ``s3://bucket/prefix/``).
+    """
+
+    location: str
+
+    def put_blob(self, data: bytes) -> str: ...
+    def has_blob(self, sha: str) -> bool: ...
+    def get_blob(self, sha: str, verify: bool = True) -> bytes: ...
+    def delete_blob(self, sha: str) -> None: ...
+    def blobs(self) -> Iterator[str]: ...
+    def put_record(self, kind: str, record_id: str, record: dict[str, Any]) -> None: ...
+    def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None: ...
+    def delete_record(self, kind: str, record_id: str) -> bool: ...
+    def records(self, kind: str) -> Iterator[dict[str, Any]]: ...
+    def referenced_blobs(self) -> set[str]: ...
+    def collect_garbage(self, min_age_s: float = 3600.0) -> int: ...
+    def ping(self) -> None: ...
+    def store_id(self) -> str: ...
+
+
 class ArtifactStore:
     """Directory-backed artifact store.
 
@@ -50,6 +79,7 @@ class ArtifactStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self.location = str(self.root.resolve())
         self._tmp = self.root / "tmp"
         for sub in ("blobs", "tmp", *(f"records/{kind}" for kind in KINDS)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -184,6 +214,24 @@ class ArtifactStore:
         """Free space on the store's file system."""
         return shutil.disk_usage(self.root).free
 
+    def store_id(self) -> str:
+        """The store's random id, written on first use; processes compare it to tell whether they share it."""
+        path = self.root / STORE_ID_FILE
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        candidate = secrets.token_hex(16)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # another process wrote it first
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(candidate + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return candidate
+
     def _atomic_write(self, path: Path, data: bytes) -> None:
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=path.name[:32] + ".")
         try:
@@ -195,3 +243,66 @@ class ArtifactStore:
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
+
+
+class StoreMismatch(RuntimeError):
+    """A process sees another artifact store than the one recorded in Redis by the API."""
+
+
+class StoreIdentity:
+    """The id of the artifact store the service uses, recorded in Redis so every process can check it.
+
+    The API records its store (``{"id", "path"}`` under ``<namespace>:store``) when it starts; a worker
+    compares its own store's id with the recorded one and refuses to run jobs against another store (a
+    worker started from another directory, or without the API's volume, would otherwise see an empty store
+    and fail every job with "not found"). A worker that starts before any API records its store itself.
+
+    Args:
+        client: Redis client.
+        namespace: Key prefix of the service.
+        store: This process's store.
+    """
+
+    def __init__(self, client: Any, namespace: str, store: Store) -> None:
+        self.client = client
+        self.key = f"{namespace}:store"
+        self.store = store
+
+    def mine(self) -> dict[str, str]:
+        """This process's store as recorded: its id and absolute path."""
+        return {"id": self.store.store_id(), "path": self.store.location}
+
+    def recorded(self) -> dict[str, str] | None:
+        """The store recorded in Redis, or ``None``."""
+        raw = self.client.get(self.key)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return value if isinstance(value, dict) and "id" in value else None
+
+    def record(self) -> dict[str, str] | None:
+        """Records this store (the API's); returns the store recorded before when it was another one."""
+        mine = self.mine()
+        previous = self.recorded()
+        self.client.set(self.key, json.dumps(mine))
+        return previous if previous is not None and previous.get("id") != mine["id"] else None
+
+    def verify(self) -> dict[str, str]:
+        """Checks that this store is the recorded one (recording it when none is); returns it.
+
+        Raises:
+            StoreMismatch: Redis names another store.
+        """
+        mine = self.mine()
+        self.client.set(self.key, json.dumps(mine), nx=True)
+        recorded = self.recorded() or mine
+        if recorded.get("id") != mine["id"]:
+            raise StoreMismatch(
+                f"this process's artifact store {mine['path']} (id {mine['id'][:8]}) is not the service's store "
+                f"{recorded.get('path', '?')} (id {str(recorded.get('id'))[:8]}) recorded in Redis; point "
+                "KRONLAP_DATA_DIR at the API's store (an absolute path, or the same shared volume)"
+            )
+        return mine
