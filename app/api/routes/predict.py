@@ -39,11 +39,14 @@ NPY_TYPES = ("application/x-npy", "application/octet-stream")
 CLASSIFICATION_FIELDS = ("entropy", "expected_entropy", "mutual_information", "max_prob")
 REGRESSION_FIELDS = ("mean", "variance", "aleatoric_variance", "epistemic_variance")
 
+REQUEST_SCHEMAS = (PredictRequest,)
+"""Models the request documentation names by reference; the app adds them to the OpenAPI components."""
+
 _REQUEST_DOC = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": PredictRequest.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
             "application/x-npy": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "numpy .npy of the input batch; options as query parameters",
