@@ -87,11 +87,16 @@ def test_sigkilled_fit_completes_on_another_worker(
         stale = client.get(f"/v1/jobs/{job_id}", headers=h).json()
         assert stale["status"] == "running" and stale["attempts"] == 1
         assert client.get(f"/v1/fits/{fit_id}", headers=h).json()["status"] == "running"
+        # Within the heartbeat timeout the record says its worker is gone and when the job will be retried.
+        lost = _wait(client, h, job_id, lambda j: j["worker_lost"], timeout_s=settings.heartbeat_timeout_ms / 1000)
+        assert lost["status"] == "running" and lost["worker"]["alive"] is False, lost
+        assert "worker_lost" in lost["message"] and "will be retried" in lost["message"], lost
 
         start_worker(settings).wait_ready()
         done = _wait(client, h, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
+        assert not done["worker_lost"]
         fit = client.get(f"/v1/fits/{fit_id}", headers=h).json()
         assert fit["status"] == "succeeded"
         r = client.post(f"/v1/models/{model_id}/predict", json={"inputs": m.x_test[:3].tolist()}, headers=h)
