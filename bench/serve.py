@@ -13,6 +13,9 @@ Figures (``bench/results/serve.json`` and ``serve.md``):
   (target ≤ 1.10); ``overhead_batch128_json`` is the same with a JSON body.
 * ``batching_speedup_32``: throughput of 32 concurrent batch-1 clients with micro-batching ÷ without
   (target ≥ 3).
+* ``interleave``: p99 latency of 1-input requests (one client, K = 100) while 4096-input × 1000-sample
+  requests run (``p99_with_big_ms``), against the same p99 with no large request (``p99_alone_ms``); the
+  ``ratio`` of the two (target ≤ 3) shows that large requests are cut into chunks and interleaved.
 
 Run: ``make bench-serve`` (or ``python -m bench.serve --quick``).
 """
@@ -41,6 +44,8 @@ DATA_DIR = CACHE_DIR / "serve-data"
 SAMPLES = 100
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 128)
+BIG_INPUTS = 4096
+BIG_SAMPLES = 1000
 
 
 class Connection:
@@ -144,6 +149,68 @@ async def interleaved(
     finally:
         conn.close()
     return statistics.median(remote), statistics.median(local)
+
+
+async def small_latencies(port: int, path: str, body: bytes, until: Any) -> list[float]:
+    """One client sending ``body`` back to back until ``until()`` is true; returns each request's seconds."""
+    conn = Connection("127.0.0.1", port)
+    out: list[float] = []
+    try:
+        while not until():
+            start = time.perf_counter()
+            status, payload = await conn.post(path, body, "application/json")
+            out.append(time.perf_counter() - start)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {payload[:300]!r}")
+    finally:
+        conn.close()
+    return out
+
+
+def p99_ms(seconds: list[float]) -> float:
+    """99th percentile in milliseconds."""
+    ordered = sorted(seconds)
+    return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+async def interleave(port: int, small: bytes, big: bytes, alone_s: float, big_requests: int) -> dict[str, float]:
+    """p99 of 1-input requests alone, then while ``big_requests`` large requests run one after another."""
+    path = "/v1/models/example/predict"
+    stop_alone = time.perf_counter() + alone_s
+    alone = await small_latencies(port, path, small, lambda: time.perf_counter() > stop_alone)
+    big_done = asyncio.Event()
+    big_seconds: list[float] = []
+
+    async def run_big() -> None:
+        conn = Connection("127.0.0.1", port)
+        try:
+            for _ in range(big_requests):
+                start = time.perf_counter()
+                status, payload = await conn.post(f"{path}?samples={BIG_SAMPLES}", big, "application/x-npy")
+                big_seconds.append(time.perf_counter() - start)
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {payload[:300]!r}")
+        finally:
+            conn.close()
+            big_done.set()
+
+    task = asyncio.create_task(run_big())
+    await asyncio.sleep(1.0)  # the first chunks are running
+    during = await small_latencies(port, path, small, big_done.is_set)
+    await task
+    result = {
+        "p99_alone_ms": p99_ms(alone),
+        "p99_with_big_ms": p99_ms(during),
+        "ratio": p99_ms(during) / p99_ms(alone),
+        "p50_alone_ms": 1000 * statistics.median(alone),
+        "p50_with_big_ms": 1000 * statistics.median(during),
+        "small_requests_alone": len(alone),
+        "small_requests_with_big": len(during),
+        "big_request_s": big_seconds,
+        "big_inputs": BIG_INPUTS,
+        "big_samples": BIG_SAMPLES,
+    }
+    return result
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -253,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     local: dict[str, float] = {}
     overheads: dict[str, dict[str, float]] = {}
+    mixed: dict[str, Any] = {}
     for batching in (True, False):
         proc = start_server(args.port, batching, args.threads)
         try:
@@ -288,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"{1000 * here:.2f} ms = {remote / here:.3f}",
                         flush=True,
                     )
+                small = json.dumps({"inputs": [x_test[0].tolist()], "samples": SAMPLES}).encode()
+                big = npy_bytes(x_test[np.arange(BIG_INPUTS) % len(x_test)].numpy())
+                mixed = asyncio.run(interleave(args.port, small, big, seconds * 2, 1 if args.quick else 2))
+                print(
+                    f"interleave: 1-input p99 alone {mixed['p99_alone_ms']:.2f} ms, beside {BIG_INPUTS} x "
+                    f"{BIG_SAMPLES} requests {mixed['p99_with_big_ms']:.2f} ms, ratio {mixed['ratio']:.2f} "
+                    f"(large requests took {', '.join(f'{t:.1f}' for t in mixed['big_request_s'])} s)",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -307,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_batch128_json": overhead_json,
         "overhead_detail": overheads,
         "batching_speedup_32": speedup,
-        "targets": {"overhead_batch128": 1.10, "batching_speedup_32": 3.0},
+        "interleave": mixed,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "targets": {"overhead_batch128": 1.10, "batching_speedup_32": 3.0, "interleave_ratio": 3.0},
     }
     lines = [
         "# Serving benchmark",
@@ -320,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{overhead_json:.3f}",
         f"- **batching_speedup_32** (32 clients, batch 1, with ÷ without micro-batching): **{speedup:.2f}** "
         "(target ≥ 3)",
+        f"- **interleave** (1-input requests, one client, K = {SAMPLES}: p99 beside {BIG_INPUTS}-input × "
+        f"{BIG_SAMPLES}-sample requests ÷ p99 alone): **{mixed['ratio']:.2f}** (target ≤ 3): "
+        f"{mixed['p99_with_big_ms']:.1f} ms vs {mixed['p99_alone_ms']:.1f} ms; each large request took "
+        f"{', '.join(f'{t:.1f}' for t in mixed['big_request_s'])} s",
         f"- in-process `post.predict`: batch 1 {1000 * local['batch1']:.2f} ms, batch 128 "
         f"{1000 * local['batch128']:.2f} ms",
         "",
@@ -334,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{stats['p99_ms']:.2f} | {stats['requests_per_s']:.1f} | {inputs:.0f} |"
         )
     json_path, md_path = write_report("serve", payload, "\n".join(lines))
-    print(f"overhead_batch128={overhead:.3f} batching_speedup_32={speedup:.2f}; wrote {json_path} and {md_path}")
+    print(
+        f"overhead_batch128={overhead:.3f} batching_speedup_32={speedup:.2f} interleave_ratio={mixed['ratio']:.2f}; "
+        f"wrote {json_path} and {md_path}"
+    )
     return 0
 
 
