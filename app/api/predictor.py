@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 RESOLVE_TTL_S = 2.0
-SAMPLE_BANK_BYTES = 3 * 2**30
+SAMPLE_BANK_BYTES = 2 * 2**30
 
 
 class PredictOptions(NamedTuple):

@@ -153,7 +153,7 @@ def test_npy_headers_are_checked_before_allocating(svc: Svc) -> None:
 # --------------------------------------------------------------------------------------- row 4: deep JSON
 
 
-def test_deeply_nested_json_is_422_fast(svc: Svc) -> None:
+def test_deeply_nested_json_is_422_fast(svc: Svc, trained_models) -> None:
     deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     for url in (_predict_url(svc), f"/v1/models/{svc.model_id}/fits"):
         start = time.monotonic()
@@ -164,6 +164,16 @@ def test_deeply_nested_json_is_422_fast(svc: Svc) -> None:
         )
         assert time.monotonic() - start < 5, url
         assert err["detail"]["max_depth"] == svc.settings.max_json_depth
+    # JSON inside multipart form fields of an upload, too.
+    deep_field = "[" * 100_000 + "]" * 100_000
+    for field in ("metadata", "input_shape", "class_names"):
+        upload = svc.client.post(
+            "/v1/models",
+            files={"file": ("m.onnx", trained_models.mlp_onnx)},
+            data={field: deep_field},
+            headers=svc.headers,
+        )
+        _error(upload, 422, "json_too_deep")
     # Within the limit the body reaches the usual checks.
     shallow = {"inputs": [[[[[[0.0]]]]]]}
     _error(svc.client.post(_predict_url(svc), json=shallow, headers=svc.headers), 422, "invalid_shape")

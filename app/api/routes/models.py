@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from app.api.deps import ServicesDep, TenantDep
+from app.api.limits import json_too_deep
 from app.api.schemas import ERROR_RESPONSES, FitOut, ModelOut
 from app.domain.errors import InvalidInput, PayloadTooLarge
 from app.domain.models import ModelMetadata, register_model
@@ -20,11 +21,21 @@ from curvature.options import Task
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
+FORM_JSON_DEPTH = 4
+"""Deepest nesting accepted in a JSON form field (metadata is an object of lists)."""
+
+
+def _loads(text: str, field: str) -> object:
+    if json_too_deep(text.encode(), FORM_JSON_DEPTH):
+        raise InvalidInput(f"{field} nests deeper than {FORM_JSON_DEPTH} levels", code="json_too_deep")
+    return json.loads(text)
+
+
 def _parse_list(raw: str, field: str) -> list:
     text = raw.strip()
     if text.startswith("["):
         try:
-            value = json.loads(text)
+            value = _loads(text, field)
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{field} is not valid JSON", code="validation_error") from exc
         if not isinstance(value, list):
@@ -39,7 +50,7 @@ def _metadata(
     fields: dict = {}
     if metadata:
         try:
-            fields = json.loads(metadata)
+            fields = _loads(metadata, "metadata")
         except json.JSONDecodeError as exc:
             raise InvalidInput("metadata is not valid JSON", code="validation_error") from exc
         if not isinstance(fields, dict):
