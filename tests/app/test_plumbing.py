@@ -137,7 +137,7 @@ def test_micro_batcher_merges_concurrent_requests_and_splits_results() -> None:
         rest = [asyncio.ensure_future(batcher.submit(torch.full((i + 1, 2), float(i)), opts)) for i in range(8)]
         seeded = asyncio.ensure_future(batcher.submit(torch.ones(1, 2), opts._replace(seed=3)))
         for _ in range(100_000):  # until every submit has queued its request
-            if len(batcher._pending) == 9:
+            if len(batcher._queue) == 9:
                 break
             await asyncio.sleep(0)
         release.set()
