@@ -336,3 +336,56 @@ def tenant_headers() -> dict[str, dict[str, str]]:
 def exporters() -> dict[str, Callable[[nn.Module, torch.Tensor], bytes]]:
     """``{"onnx": export_onnx, "pt2": export_pt2}``."""
     return {"onnx": export_onnx, "pt2": export_pt2}
+
+
+# ---------------------------------------------------------------------------------------------- object storage
+
+
+@dataclass
+class S3Server:
+    """A real S3-compatible server (moto's standalone server) on a loopback port."""
+
+    endpoint_url: str
+
+    def client(self) -> object:
+        """A boto3 S3 client on the server (credentials from the environment set by the fixture)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        """Creates an empty bucket with a fresh name and returns the name."""
+        name = f"kronlap-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server as a subprocess for the session; AWS credentials for it in this process's environment
+    (child processes such as workers inherit them)."""
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "kronlap-test"),
+        ("AWS_SECRET_ACCESS_KEY", "kronlap-test-secret"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(key, value)
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.05)
+    yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()

@@ -16,7 +16,18 @@ from app.domain.catalog import Catalog
 from app.domain.jobs import JobStore
 from app.domain.queue import make_broker
 from app.domain.settings import Settings
-from app.domain.store import ArtifactStore
+from app.domain.store import ArtifactStore, Store
+
+
+def open_store(settings: Settings) -> Store:
+    """The artifact store the settings name: S3-compatible object storage for ``KRONLAP_STORE_URL=s3://...``
+    (endpoint ``KRONLAP_S3_ENDPOINT_URL``, credentials from the environment), else the directory
+    ``KRONLAP_DATA_DIR``."""
+    if settings.store_url:
+        from app.domain.objectstore import S3ArtifactStore
+
+        return S3ArtifactStore(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+    return ArtifactStore(settings.data_dir)
 
 
 @dataclass
@@ -35,7 +46,7 @@ class Backend:
 
     settings: Settings
     redis: redis.Redis
-    store: ArtifactStore
+    store: Store
     catalog: Catalog
     jobs: JobStore
     cache: PosteriorCache
@@ -48,7 +59,7 @@ class Backend:
         if not url:
             raise ValueError("no Redis URL: set KRONLAP_REDIS_URL or start the embedded Redis first")
         client = redis.Redis.from_url(url, health_check_interval=30)
-        store = ArtifactStore(settings.data_dir)
+        store = open_store(settings)
         return {
             "settings": settings,
             "redis": client,
