@@ -52,7 +52,7 @@ def test_every_step_through_the_cli(capsys, running: Running, trained_models) ->
     onnx.write_bytes(m.mlp_onnx)
     train = running.tmp / "train.npz"
     buf = io.BytesIO()
-    np.savez(buf, x=m.x_train[:300].numpy(), y=m.y_train[:300].numpy())
+    np.savez(buf, x=m.x_train[:1000].numpy(), y=m.y_train[:1000].numpy())
     train.write_bytes(buf.getvalue())
 
     code, out, _ = _cli(capsys, running, "models", "upload", str(onnx), "--class-names", ",".join("0123456789"))
@@ -61,7 +61,7 @@ def test_every_step_through_the_cli(capsys, running: Running, trained_models) ->
     assert model["class_names"][3] == "3" and model["input_shape"] == [784]
     code, out, _ = _cli(capsys, running, "datasets", "upload", str(train), "--name", "digits")
     dataset = _json(out)
-    assert code == 0 and dataset["n"] == 300 and dataset["name"] == "digits"
+    assert code == 0 and dataset["n"] == 1000 and dataset["name"] == "digits"
     assert [d["id"] for d in _json(_cli(capsys, running, "datasets", "list")[1])] == [dataset["id"]]
     assert _json(_cli(capsys, running, "models", "get", model["id"])[1])["id"] == model["id"]
 
@@ -112,7 +112,7 @@ def test_the_python_client(running: Running, trained_models) -> None:
     client = Client(running.url, running.key)
     model = client.upload_model(m.mlp_onnx, filename="mlp.onnx", task="classification")
     buf = io.BytesIO()
-    np.savez(buf, x=m.x_train[:200].numpy(), y=m.y_train[:200].numpy())
+    np.savez(buf, x=m.x_train[:1000].numpy(), y=m.y_train[:1000].numpy())
     dataset = client.upload_dataset(buf.getvalue())
     seen: list[dict] = []
     submitted = client.fit(model["id"], dataset["id"], curvature="kfac", tuning="none", samples=5)

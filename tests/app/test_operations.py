@@ -89,7 +89,7 @@ def svc(tmp_path_factory, make_settings, redis_url, redis_namespace, run_server,
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=120) as client:
         model = client.post("/v1/models", files={"file": ("mlp.onnx", m.mlp_onnx)}, headers=h)
         assert model.status_code == 201, model.text
-        data = {"x": m.x_train[:300].numpy(), "y": m.y_train[:300].numpy()}
+        data = {"x": m.x_train[:1000].numpy(), "y": m.y_train[:1000].numpy()}
         dataset = client.post("/v1/datasets", files={"file": ("d.npz", _npz(**data))}, headers=h)
         assert dataset.status_code == 201, dataset.text
         body = {"dataset": dataset.json()["id"], "curvature": "kfac", "tuning": "none", "samples": 10}
