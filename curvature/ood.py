@@ -23,7 +23,7 @@ def calibrate_ood(
     samples: int = 100,
     predictive: str = "mc",
     scores: tuple[str, ...] | None = None,
-    link: str = "mc",
+    link: str | None = None,
     outputs: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Store on ``post`` the ``quantile`` of each OOD score over held-out in-distribution inputs.

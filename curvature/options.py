@@ -32,7 +32,15 @@ class Curvature(StrEnum):
 KRONECKER_CURVATURES = (Curvature.kfac, Curvature.kflr, Curvature.kfra, Curvature.rp)
 
 DEFAULT_CURVATURE = Curvature.kfac
-"""The curvature used when none is named: by the library, the API and the CLI alike."""
+"""The curvature used when none is named: by the library, the API and the CLI alike.
+
+KFAC because it is the cheapest Kronecker fit (under one training epoch on the benchmark MLP, against about three
+for KFLR) and the only one that leaves room, within a three-epoch budget, for the eigendecomposition, validation
+tuning and OOD calibration. Its tuned linearised posterior is no worse than KFLR's (per-curvature rows of the
+quality benchmark at commit e80187e: test NLL 0.239 vs 0.246, letters AUROC 0.921 vs 0.929). ``LaplaceConfig``'s
+other defaults (linearised predictive, mutual information as the OOD score, fast validation tuning) are documented
+there.
+"""
 
 
 class Damping(StrEnum):

@@ -300,6 +300,18 @@ class LaplacePosterior:
             self._bank = {key: draws}
         return draws
 
+    @property
+    def kept_samples(self) -> dict[tuple[int, int], dict[str, Tensor]]:
+        """The weight-sample sets kept for reuse, keyed by ``(k, seed)`` (a copy of the mapping)."""
+        return dict(self._bank)
+
+    def offer_samples(self, sets: dict[tuple[int, int], dict[str, Tensor]]) -> None:
+        """Hand back sets drawn earlier by :meth:`cached_samples` (e.g. a server keeping several ``(k, seed)``).
+
+        They must come from this posterior at its current hyper-parameters; they are dropped when those change.
+        """
+        self._bank = {**sets, **self._bank}
+
     def log_prob(self, weights: dict[str, Tensor]) -> Tensor:
         """``log N(θ; θ*, P⁻¹)`` for weights given per layer as (..., out, in+1)."""
         total = 0.0
@@ -345,7 +357,7 @@ class LaplacePosterior:
         predictive: str | None = None,
         ood_score: str | None = None,
         seed: int | None = None,
-        link: str = "mc",
+        link: str | None = None,
         batch_size: int = 1024,
     ) -> dict[str, Tensor]:
         """Predictive distribution for inputs ``x``; see :func:`curvature.predictive.predict`."""

@@ -93,6 +93,14 @@ class GLMFeatures:
     rotated: dict[str, tuple[Tensor, Tensor | None]]
     # T = 1: (B U_G (C, B, out), (â U_A)² (B, in)); T > 1: (J̃ (B, C, out, in), None)
 
+    def rows(self, index: Tensor) -> GLMFeatures:
+        """The features of a subset of the inputs (``index`` into the batch)."""
+        rotated = {
+            name: (g[:, index], a2[index]) if a2 is not None else (g[index], None)
+            for name, (g, a2) in self.rotated.items()
+        }
+        return GLMFeatures(self.f[index], rotated)
+
 
 def glm_features(post, x: Tensor) -> GLMFeatures:
     """Backpropagate the C output directions once and rotate into each layer's eigenbasis."""
@@ -268,9 +276,14 @@ def predictive_summary(
     if link not in ("mc", "probit"):
         raise ValueError(f"link must be 'mc' or 'probit', got {link!r}.")
     feats = glm_features(post, x) if feats is None else feats
-    cov = glm_covariance(post, feats, n_eff, prior)
-    ok = _finite_rows(feats.f) & _finite_rows(cov)
-    f = torch.where(ok.unsqueeze(-1), feats.f, torch.zeros_like(feats.f))
+    return glm_summary(post, feats.f, glm_covariance(post, feats, n_eff, prior), samples, seed, link)
+
+
+def glm_summary(post, f: Tensor, cov: Tensor, samples: int, seed: int, link: str = "mc") -> dict[str, Tensor]:
+    """Predictive summaries from the linearised network's logit mean ``f`` (B, C) and covariance (B, C, C)."""
+    regression = isinstance(post.likelihood, Gaussian)
+    ok = _finite_rows(f) & _finite_rows(cov)
+    f = torch.where(ok.unsqueeze(-1), f, torch.zeros_like(f))
     cov = torch.where(ok.view(-1, 1, 1), cov, torch.zeros_like(cov))
     if regression:
         summary = regression_summary(f, cov.diagonal(dim1=-2, dim2=-1), post.likelihood.sigma)
@@ -292,7 +305,7 @@ def predict(
     predictive: str = "mc",
     ood_score: str | None = None,
     seed: int | None = None,
-    link: str = "mc",
+    link: str | None = None,
     batch_size: int = 1024,
 ) -> dict[str, Tensor]:
     """Predictive distribution and OOD flags for a batch of inputs.
@@ -304,7 +317,8 @@ def predict(
         predictive: ``"mc"`` or ``"glm"`` (default: the one the fit was configured for).
         ood_score: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"`` (default: the calibrated one).
         seed: random seed (default: the posterior's, so repeated calls agree).
-        link: ``"mc"`` or ``"probit"`` for the GLM class probabilities.
+        link: ``"mc"`` or ``"probit"`` for the GLM class probabilities (default: the one the fit chose,
+            metadata key ``link``, else ``"mc"``).
     Returns:
         Tensors with the batch first; ``ood`` is a bool tensor, ``ood_threshold`` a 0-d tensor (NaN when
         the score was never calibrated, and then no input is flagged).
@@ -315,6 +329,7 @@ def predict(
     if x.shape[0] == 0:
         raise ValueError("Empty batch.")
     seed = int(post.metadata.get("seed", 0)) if seed is None else int(seed)
+    link = link or str(post.metadata.get("link", "mc"))
     score = ood_score or str(post.metadata.get("ood_score", "entropy"))
     if score not in OOD_SCORES:
         raise ValueError(f"Unknown OOD score {score!r}; choose from {OOD_SCORES}.")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .likelihoods import Gaussian
 from .metrics import nll_classification, nll_gaussian
-from .predictive import GLMFeatures, glm_features, predictive_summary
+from .predictive import GLMFeatures, glm_covariance, glm_features, glm_summary, predictive_summary
 
 if TYPE_CHECKING:
     from .posterior import LaplacePosterior
@@ -43,7 +43,8 @@ class TuningResult:
 
     ``null_prior`` (fast tuner) is the chosen prior precision of never-excited directions (``None``: none);
     ``at_edge`` says whether a chosen value still sits on the edge of the (grown) search range;
-    ``summary`` holds the validation predictive at the choice, for reuse (OOD calibration).
+    ``summary`` holds the validation predictive at the choice, for reuse (OOD calibration); ``link`` the link
+    chosen with it.
     """
 
     n_eff: float
@@ -53,6 +54,7 @@ class TuningResult:
     null_prior: float | None = None
     at_edge: bool = False
     summary: dict[str, Tensor] | None = None
+    link: str = "mc"
 
 
 def _validation_nll(post, summaries, y: Tensor) -> float:
@@ -251,7 +253,7 @@ def tune_linearised(
     y_val: Tensor,
     samples: int = 32,
     seed: int = 0,
-    link: str = "mc",
+    link: str | tuple[str, ...] = "mc",
     log10_n_ratio: tuple[float, float] = (-2.0, 2.0),
     log10_prior: tuple[float, float] = (-2.0, 4.0),
     points: int = 5,
@@ -262,6 +264,8 @@ def tune_linearised(
     null_decades: int = 8,
     feats: GLMFeatures | None = None,
     summary_samples: int | None = None,
+    min_accuracy: float | None = None,
+    rows: Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> TuningResult:
     """Validation-NLL tuning of ``(N_eff, τ)`` and the null-space prior ``τ₀`` with the linearised predictive.
@@ -276,18 +280,27 @@ def tune_linearised(
        :func:`tune_null_prior` does.
 
     Every candidate costs a re-weighting of the cached features (see the module docstring), with the same logit
-    draws for all. Sets the posterior's hyper-parameters and null prior.
+    draws for all. Given several links (``("mc", "probit")``), each candidate is scored with each on the same
+    covariance and keeps the better; the link is chosen with the hyper-parameters. With ``min_accuracy``, a
+    candidate whose validation accuracy is below it is not eligible (its NLL counts as infinite). Sets the
+    posterior's hyper-parameters and null prior.
 
     Args:
         feats: the validation inputs' GLM features, if already computed (they are returned on the result's
             ``summary`` path only through the predictive summary).
         summary_samples: logit samples of the returned validation ``summary`` (default ``samples``).
+        rows: indices of the validation inputs the candidates are scored on (default: all). The returned
+            ``summary`` covers every input, e.g. to calibrate OOD thresholds on all of them.
     """
     if len(x_val) == 0:
         raise ValueError("Validation tuning needs at least one validation input.")
     x_val, y_val = _on_posterior_device(post, x_val, y_val)
     post.null_prior = None
-    feats = glm_features(post, x_val) if feats is None else feats
+    all_feats = glm_features(post, x_val) if feats is None else feats
+    feats = all_feats
+    if rows is not None:
+        rows = rows.to(y_val.device)
+        feats, y_val = all_feats.rows(rows), y_val[rows]
     n_data = post.n_data
     names = list(post.blocks)
     history: list[dict[str, float]] = []
@@ -300,27 +313,37 @@ def tune_linearised(
             return dict.fromkeys(names, tau)
         return {n: post.blocks[n].prior_matrix(tau, 10.0**log_null) for n in names}
 
+    links = (link,) if isinstance(link, str) else tuple(link)
+    best_link: dict[tuple, str] = {}
+
     def nll(log_ratio: float, log_tau: float, log_null: float | None = None) -> float:
         key = (round(log_ratio, 9), round(log_tau, 9), None if log_null is None else round(log_null, 9))
         if key in scores:
             return scores[key]
-        s = predictive_summary(
-            post,
-            x_val,
-            samples,
-            "glm",
-            seed,
-            link,
-            n_eff=n_data * 10.0**log_ratio,
-            prior=prior_of(log_tau, log_null),
-            feats=feats,
-        )
-        value = _validation_nll(post, s, y_val)
-        value = value if math.isfinite(value) else math.inf
-        scores[key] = value
-        entry = {"log10_n_ratio": log_ratio, "log10_prior": log_tau, "nll": value}
+        prior = prior_of(log_tau, log_null)
+        cov = glm_covariance(post, feats, n_eff=n_data * 10.0**log_ratio, prior=prior)
+        entry: dict = {"log10_n_ratio": log_ratio, "log10_prior": log_tau}
         if log_null is not None:
             entry["log10_null_prior"] = log_null
+        value, chosen = math.inf, links[0]
+        for lk in links:
+            s = glm_summary(post, feats.f, cov, samples, seed, lk)
+            v = _validation_nll(post, s, y_val)
+            v = v if math.isfinite(v) else math.inf
+            if min_accuracy is not None:
+                acc = float((s["probs"].argmax(-1) == y_val).double().mean())
+                entry[f"acc_{lk}" if len(links) > 1 else "acc"] = acc
+                if acc < min_accuracy:
+                    v = math.inf
+            if len(links) > 1:
+                entry[f"nll_{lk}"] = v
+            if v < value:
+                value, chosen = v, lk
+        scores[key] = value
+        best_link[key] = chosen
+        entry["nll"] = value
+        if len(links) > 1:
+            entry["link"] = chosen
         history.append(entry)
         if progress is not None:
             progress(min(len(history) / expected, 1.0), f"tuning: {len(history)} candidates")
@@ -374,6 +397,7 @@ def tune_linearised(
         raise ValueError("Validation NLL is not finite for any hyper-parameter candidate.")
 
     chosen_null: float | None = None
+    chosen_key = (round(r_best, 9), round(t_best, 9), None)
     has_null = post.damping == "exact" and any(bool(b.null_columns.any()) for b in post.blocks.values())
     if null_prior and has_null:
         for k in range(1, null_decades + 1):
@@ -381,9 +405,18 @@ def tune_linearised(
             if not nll(r_best, t_best, candidate) <= value * (1 + null_tolerance):
                 break
             chosen_null = 10.0**candidate
+            chosen_key = (round(r_best, 9), round(t_best, 9), round(candidate, 9))
     post.set_hyperparameters(n_eff=n_data * 10.0**r_best, prior_precision=10.0**t_best)
     post.null_prior = chosen_null
-    summary = predictive_summary(post, x_val, summary_samples or samples, "glm", seed, link, feats=feats)
+    chosen_link = best_link[chosen_key]
+    summary = predictive_summary(post, x_val, summary_samples or samples, "glm", seed, chosen_link, feats=all_feats)
     return TuningResult(
-        post.n_eff, 10.0**t_best, value, history, null_prior=chosen_null, at_edge=bool(at_edge), summary=summary
+        post.n_eff,
+        10.0**t_best,
+        value,
+        history,
+        null_prior=chosen_null,
+        at_edge=bool(at_edge),
+        summary=summary,
+        link=chosen_link,
     )
