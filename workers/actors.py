@@ -18,13 +18,15 @@ from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 from app.domain.backend import Backend
 from app.domain.jobs import PermanentJobError
 from app.domain.kinds import KINDS, JobKind, execute
+from app.domain.kinds.base import Stage
 from app.domain.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 def declare_actors(broker: RedisBroker, settings: Settings, redis_url: str) -> dict[str, dramatiq.Actor]:
-    """Declares one actor per job kind on ``broker``.
+    """Declares one actor per job kind on ``broker``, plus the kinds' further stages (a sharded fit's shard and
+    reduce steps), each with its kind's queue, time limit and retries.
 
     Args:
         broker: The broker.
@@ -32,7 +34,7 @@ def declare_actors(broker: RedisBroker, settings: Settings, redis_url: str) -> d
         redis_url: Where job records and the posterior cache live (the broker's Redis).
 
     Returns:
-        Actors by job kind.
+        Actors by job kind, and stage actors by actor name.
     """
 
     @lru_cache(maxsize=1)
@@ -58,6 +60,27 @@ def declare_actors(broker: RedisBroker, settings: Settings, redis_url: str) -> d
             throws=(PermanentJobError, TimeLimitExceeded),
         )
 
-    return {name: declare(kind) for name, kind in KINDS.items()}
+    def declare_stage(kind: JobKind, name: str, stage: Stage) -> dramatiq.Actor:
+        max_retries = kind.max_retries(settings)
 
+        def run_stage(body: dict) -> None:
+            message = CurrentMessage.get_current_message()
+            retries = int(message.options.get("retries", 0)) if message is not None else 0
+            stage(body, backend(), retries >= max_retries)
 
+        run_stage.__name__ = name
+        return dramatiq.actor(
+            run_stage,
+            broker=broker,
+            actor_name=name,
+            queue_name=kind.queue,
+            time_limit=kind.time_limit_s(settings) * 1000,
+            max_retries=max_retries,
+            throws=(PermanentJobError, TimeLimitExceeded),
+        )
+
+    actors = {name: declare(kind) for name, kind in KINDS.items()}
+    for kind in KINDS.values():
+        for name, stage in kind.stages().items():
+            actors[name] = declare_stage(kind, name, stage)
+    return actors

@@ -9,6 +9,9 @@ never imports an actor; the workers declare the actors (:mod:`workers.actors`).
 Delivery is at least once. A worker silent for ``heartbeat_timeout`` is presumed dead and queue maintenance
 (run on ``maintenance_chance`` out of a million commands of the surviving workers) puts its unacknowledged
 messages back on the queue. Dead-lettered messages are kept for ``dead_message_ttl``.
+
+Composition is Dramatiq's own: a group of messages may carry completion callbacks (a sharded fit's reduce
+step), counted down by a barrier in the same Redis (:class:`dramatiq.middleware.GroupCallbacks`).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
+    GroupCallbacks,
     Middleware,
     Pipelines,
     Retries,
     ShutdownNotifications,
     TimeLimit,
 )
+from dramatiq.rate_limits.backends import RedisBackend as RedisRateLimiterBackend
 
 from app.domain.settings import Settings
 
@@ -56,6 +61,7 @@ def make_broker(settings: Settings, *, url: str | None = None, extra: list[Middl
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
+        GroupCallbacks(RedisRateLimiterBackend(url=redis_url), barrier_ttl=settings.job_ttl_s * 1000),
         Retries(max_retries=settings.fit_max_retries, min_backoff=1000, max_backoff=60_000),
         CurrentMessage(),
         *(extra or []),

@@ -20,8 +20,10 @@ overwrites the same artifacts.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -51,10 +53,19 @@ ParamsT = TypeVar("ParamsT", bound=JobParams)
 
 @dataclass
 class JobResult:
-    """What a finished run reports: the job record's ``result`` and its last message."""
+    """What a finished run reports: the job record's ``result`` and its last message.
+
+    ``pending`` marks a run that handed the job on to further messages (a sharded fit's shards and reduce
+    step): the job stays ``running`` and the last of those messages ends it.
+    """
 
     result: dict[str, Any]
     message: str = "done"
+    pending: bool = False
+
+
+Stage = Callable[[dict[str, Any], "Backend", bool], None]
+"""A follow-up message handler of a kind: ``stage(body, backend, final_attempt)``; it ends the job itself."""
 
 
 class Checkpoints:
@@ -168,6 +179,13 @@ def select_device(preference: str) -> torch.device:
     return device
 
 
+def describe_device(device: torch.device) -> str:
+    """A person's name for ``device``: the GPU's model for CUDA, the processor for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
 @dataclass
 class JobRun:
     """One delivery of a job to a worker: what a kind's :meth:`JobKind.run` works with.
@@ -267,6 +285,11 @@ class JobKind(ABC, Generic[RequestT, ParamsT]):
         """Params from a message body."""
         return self.params_model.model_validate(body)  # type: ignore[return-value]
 
+    def stages(self) -> dict[str, Stage]:
+        """Further actors of the kind by actor name, on the kind's queue (e.g. a sharded fit's shard and reduce
+        steps); the workers declare them beside :attr:`actor`, with the same time limit and retries."""
+        return {}
+
 
 def submit(
     backend: Backend, kind: JobKind[RequestT, ParamsT], tenant: str, request: RequestT, **context: Any
@@ -342,6 +365,9 @@ def execute(
                 raise
             raise PermanentJobError(exc.code, exc.message, exc.detail) from exc
         run.check_cancelled()
+        if result.pending:
+            outcome = "dispatched"
+            return result
         if not backend.jobs.succeed(params.job_id, result.result, result.message):
             logger.info("job %s changed state while finishing", params.job_id)
         outcome = "succeeded"
