@@ -13,6 +13,8 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from app.domain.backend import Backend
+from app.domain.jobs import PermanentJobError
+from app.domain.kinds.base import describe_device, select_device
 from app.domain.settings import Settings, get_settings
 from app.domain.store import StoreIdentity, StoreMismatch
 from workers.broker import make_worker_broker
@@ -82,6 +84,16 @@ def run_worker(settings: Settings | None = None) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    try:
+        device = select_device(settings.device)
+    except PermanentJobError as exc:
+        logger.error("refusing to start: %s", exc)
+        return 2
+    device_name = describe_device(device)
+    from app.domain.metrics import get_metrics
+
+    get_metrics().worker_device.labels(str(device), device_name).set(1)
+    logger.info("compute device %s (%s)", device, device_name)
     heartbeat: Path | None = settings.worker_heartbeat_file
     broker = make_worker_broker(settings, heartbeat_path=heartbeat)
     dramatiq.set_broker(broker)

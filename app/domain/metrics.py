@@ -119,6 +119,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "kronlap_queue_depth_messages", "Messages waiting in a job queue.", ["queue"], registry=registry
         )
+        self.worker_device = Gauge(
+            "kronlap_worker_device_info",
+            "The compute device of this worker process (always 1), by device (cpu, cuda:0) and its name.",
+            ["device", "name"],
+            registry=registry,
+        )
 
 
 @lru_cache
