@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -293,32 +294,31 @@ class MicroBatcher:
 
 
 class SampleBanks:
-    """Weight-sample sets of one posterior for several ``(samples, seed)`` keys.
+    """Weight-sample sets of a posterior for several ``(samples, seed)`` keys, shared by its replicas.
 
     ``post.predict`` keeps the K weight samples of the last ``(K, seed)`` it drew and redraws when another
     key comes; a server mixing requests of 100 and 1,000 samples would redraw on every call. The predictor
-    keeps the sets it has seen (most recent first, within ``max_bytes``) and hands them back to the
-    posterior before each call.
+    keeps the sets it has seen (most recent first, within ``max_bytes``) and offers them to a replica before
+    each call; replicas of one fit draw identical sets for one key, so one copy serves them all.
     """
 
-    def __init__(self, posterior: Any, max_bytes: int = SAMPLE_BANK_BYTES) -> None:
-        self.posterior = posterior
+    def __init__(self, max_bytes: int = SAMPLE_BANK_BYTES) -> None:
         self.max_bytes = max_bytes
         self._sets: OrderedDict[Any, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def before(self) -> None:
-        """Offers every kept set to the posterior."""
-        bank = getattr(self.posterior, "_bank", None)
+    def before(self, posterior: Any) -> None:
+        """Offers every kept set to ``posterior``."""
+        bank = getattr(posterior, "_bank", None)
         if not isinstance(bank, dict):
             return
         with self._lock:
             if self._sets and any(key not in bank for key in self._sets):
-                self.posterior._bank = {**self._sets, **bank}
+                posterior._bank = {**self._sets, **bank}
 
-    def after(self) -> None:
-        """Keeps the set the posterior drew (if any), within the byte budget."""
-        bank = getattr(self.posterior, "_bank", None)
+    def after(self, posterior: Any) -> None:
+        """Keeps the sets ``posterior`` holds (a new draw, if any), within the byte budget."""
+        bank = getattr(posterior, "_bank", None)
         if not isinstance(bank, dict):
             return
         with self._lock:
@@ -327,8 +327,7 @@ class SampleBanks:
                 self._sets.move_to_end(key)
             total = 0
             for key in reversed(list(self._sets)):
-                size = sum(t.numel() * t.element_size() for t in self._sets[key].values())
-                total += size
+                total += sum(t.numel() * t.element_size() for t in self._sets[key].values())
                 if total > self.max_bytes:
                     del self._sets[key]
 
@@ -337,30 +336,50 @@ class SampleBanks:
 class Predictor:
     """A posterior ready to answer predict requests.
 
+    ``post.predict`` is not safe to call from two threads on one posterior (the linearised predictive hooks
+    the network's layers), so a predictor holds one replica per predict thread, each loaded from the same
+    bytes, and a call takes a free one.
+
     Attributes:
         model: The model's record.
         fit: The fit's record.
-        posterior: The deserialised ``cv.LaplacePosterior``.
+        replicas: Deserialised ``cv.LaplacePosterior`` objects of the fit, one per predict thread.
         batcher: Micro-batcher, or ``None`` when batching is off.
     """
 
     model: ModelRecord
     fit: FitRecord
-    posterior: Any
+    replicas: list[Any]
     executor: ThreadPoolExecutor
     batcher: MicroBatcher | None = None
-    banks: SampleBanks = field(init=False)
+    banks: SampleBanks = field(default_factory=SampleBanks)
+    _free: queue.SimpleQueue = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.banks = SampleBanks(self.posterior)
+        self._free = queue.SimpleQueue()
+        for replica in self.replicas:
+            self._free.put(replica)
+
+    @property
+    def posterior(self) -> Any:
+        """The first replica (for reading the fit's properties)."""
+        return self.replicas[0]
 
     def compute(self, x: torch.Tensor, options: PredictOptions) -> Outputs:
-        """Blocking call of ``post.predict``; returns numpy arrays."""
-        self.banks.before()
-        out = self.posterior.predict(
-            x, samples=options.samples, predictive=options.predictive, ood_score=options.ood_score, seed=options.seed
-        )
-        self.banks.after()
+        """Blocking call of ``post.predict`` on a free replica; returns numpy arrays."""
+        posterior = self._free.get()
+        try:
+            self.banks.before(posterior)
+            out = posterior.predict(
+                x,
+                samples=options.samples,
+                predictive=options.predictive,
+                ood_score=options.ood_score,
+                seed=options.seed,
+            )
+            self.banks.after(posterior)
+        finally:
+            self._free.put(posterior)
         return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
 
     async def predict(self, x: torch.Tensor, options: PredictOptions) -> Outputs:
@@ -473,16 +492,20 @@ class PredictorPool:
         import curvature as cv
         from app.domain.modelio import load_model
 
-        imported = load_model(
-            self.catalog.store.get_blob(model.sha256),
-            model.filename,
-            input_shape=tuple(model.input_shape),
-            max_bytes=self.settings.max_model_bytes,
-        )
-        module = imported.module.eval()
+        model_bytes = self.catalog.store.get_blob(model.sha256)
+
+        def network() -> torch.nn.Module:
+            imported = load_model(
+                model_bytes,
+                model.filename,
+                input_shape=tuple(model.input_shape),
+                max_bytes=self.settings.max_model_bytes,
+            )
+            return imported.module.eval()
+
         blob, source = self._posterior_bytes(fit)
         try:
-            posterior = cv.LaplacePosterior.from_bytes(blob, module)
+            first = cv.LaplacePosterior.from_bytes(blob, network())
         except ValueError:
             if source != "redis":
                 raise InternalError(
@@ -491,19 +514,21 @@ class PredictorPool:
             logger.warning("cached posterior of %s is unreadable; reloading from the store", fit.id)
             self.cache.delete(fit.id)
             blob, source = self._posterior_bytes(fit)
-            posterior = cv.LaplacePosterior.from_bytes(blob, module)
+            first = cv.LaplacePosterior.from_bytes(blob, network())
+        replicas = [first] + [
+            cv.LaplacePosterior.from_bytes(blob, network()) for _ in range(self.settings.predict_threads - 1)
+        ]
         self.metrics.predictor_loads.labels(source).inc()
-        predictor = Predictor(model=model, fit=fit, posterior=posterior, executor=self.executor)
+        predictor = Predictor(model=model, fit=fit, replicas=replicas, executor=self.executor)
         # The first predict call builds lazily cached decompositions; pay for it here, not in a request.
-        predictor.compute(
-            torch.zeros(1, *model.input_shape),
-            PredictOptions(
-                samples=2,
-                predictive=Predictive(fit.config.get("predictive", Predictive.mc)),
-                ood_score=fit.ood_score,
-                seed=0,
-            ),
+        warm = PredictOptions(
+            samples=2,
+            predictive=Predictive(fit.config.get("predictive", Predictive.mc)),
+            ood_score=fit.ood_score,
+            seed=0,
         )
+        for _ in replicas:  # each call takes another free replica (they are handed out in turn)
+            predictor.compute(torch.zeros(1, *model.input_shape), warm)
         if self.settings.predict_batching:
             label = model.id
 

@@ -11,6 +11,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,3 +320,20 @@ def test_small_requests_are_served_while_a_large_one_runs(svc: Svc, trained_mode
     got = [r["probs"] for r in big["body"]["results"][:64]]
     want = [r["probs"] for r in first["results"]]
     assert np.allclose(got, want, atol=1e-5)
+
+
+def test_two_predict_threads_serve_one_fit_concurrently(svc: Svc, run_server, trained_models) -> None:
+    """Both predictives on two threads at once: each thread has its own replica of the posterior."""
+    settings = svc.settings.model_copy(update={"predict_threads": 2, "predict_chunk_cost": 2_000})
+    x = trained_models.x_test[:200].numpy()
+    npy = {**svc.headers, "Content-Type": "application/x-npy"}
+    url = _predict_url(svc)
+    with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+
+        def send(predictive: str, rows: int) -> int:
+            params = {"samples": "100", "predictive": predictive}
+            return client.post(url, content=_npy(x[:rows]), params=params, headers=npy).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(send, ["glm", "mc", "glm", "mc", "glm", "glm"], [200, 200, 1, 1, 50, 3]))
+    assert statuses == [200] * 6
