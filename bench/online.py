@@ -166,7 +166,11 @@ def run_bench(bench: str, tasks, rows: list[str], args) -> dict:
             runs = walk_grid(bench, row, sel["optimizer"], (sel["strength"],), tasks, epochs, args)
         else:
             for optimiser in optimisers.split(","):
-                grid = (args.strength,) if args.strength and row not in ("finetune", "joint") else grid_for(row, bench)
+                grid = grid_for(row, bench)
+                if args.strength and row not in ("finetune", "joint"):
+                    grid = (args.strength,)
+                elif args.grid and row not in ("finetune", "joint"):
+                    grid = tuple(float(v) for v in args.grid.split(","))
                 runs += walk_grid(bench, row, optimiser, grid, tasks, epochs, args)
         if not runs:
             continue
@@ -320,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
     parser.add_argument("--benchmarks", default="permuted,disjoint")
     parser.add_argument("--strength", type=float, default=None, help="one strength for every row (no grid)")
+    parser.add_argument("--grid", default=None, help="comma-separated strengths replacing the rows' grids")
     parser.add_argument(
         "--patience",
         type=int,
