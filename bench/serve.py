@@ -176,6 +176,8 @@ def p99_ms(seconds: list[float]) -> float:
 async def interleave(port: int, small: bytes, big: bytes, alone_s: float, big_requests: int) -> dict[str, float]:
     """p99 of 1-input requests alone, then while ``big_requests`` large requests run one after another."""
     path = "/v1/models/example/predict"
+    warm = time.perf_counter() + 2.0  # the predictor is loaded and its weight samples drawn
+    await small_latencies(port, path, small, lambda: time.perf_counter() > warm)
     stop_alone = time.perf_counter() + alone_s
     alone = await small_latencies(port, path, small, lambda: time.perf_counter() > stop_alone)
     big_done = asyncio.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from app.domain.store import StoreIdentity
 logger = logging.getLogger(__name__)
 
 UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def _is_predict(path: str) -> bool:
@@ -140,6 +142,9 @@ def create_app(
             import torch
 
             torch.set_num_threads(settings.torch_threads)
+        # The event loop and the predict threads take turns holding the GIL; a short switch interval keeps
+        # a small request's latency low while a large one computes (Python's default is 5 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         services = Services.build(settings, url, metrics)
         record_store(services)
         app.state.services = services

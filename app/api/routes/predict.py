@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from numpy.lib import format as npy_format
 from pydantic import ValidationError
 
@@ -36,6 +37,10 @@ from curvature.options import MAX_SEED, OodScore, Predictive
 router = APIRouter(prefix="/v1/models", tags=["predict"])
 
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
+OFF_LOOP_BYTES = 1 << 20
+"""Bodies larger than this are decoded on a worker thread, not on the event loop."""
+OFF_LOOP_ROWS = 256
+"""Answers with more rows than this are rendered on a worker thread."""
 CLASSIFICATION_FIELDS = ("entropy", "expected_entropy", "mutual_information", "max_prob")
 REGRESSION_FIELDS = ("mean", "variance", "aleatoric_variance", "epistemic_variance")
 
@@ -285,6 +290,13 @@ def build_response(
     }
 
 
+def render_response(
+    model: ModelRecord, fit: FitRecord, options: PredictOptions, threshold: float | None, out: dict[str, np.ndarray]
+) -> bytes:
+    """The JSON bytes of :func:`build_response`."""
+    return json.dumps(build_response(model, fit, options, threshold, out), separators=(",", ":")).encode()
+
+
 @router.post(
     "/{model_id}/predict",
     response_model=None,
@@ -302,15 +314,17 @@ async def predict(model_id: str, request: Request, services: ServicesDep, tenant
     settings = services.settings
     content_type = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
     body = await request.body()
-    x, opts = parse_body(
-        content_type, body, dict(request.query_params), settings.max_predict_inputs, settings.max_json_depth
-    )
+    query = dict(request.query_params)
+    args = (content_type, body, query, settings.max_predict_inputs, settings.max_json_depth)
+    # Large bodies are decoded off the event loop, so small requests keep being served meanwhile.
+    x, opts = await run_in_threadpool(parse_body, *args) if len(body) > OFF_LOOP_BYTES else parse_body(*args)
     model, fit = await services.predictors.resolve(
         (tenant, model_id, opts.fit),
         lambda: resolve_fit(services, tenant, model_id, opts.fit),
         keep=lambda found: found[1] is not None,
     )
-    x = check_inputs(x, model.input_shape, settings.max_predict_inputs)
+    check = (x, model.input_shape, settings.max_predict_inputs)
+    x = await run_in_threadpool(check_inputs, *check) if x.size > OFF_LOOP_ROWS * 100 else check_inputs(*check)
     if fit is None:
         raise Conflict(f"model {model_id!r} has no fit yet: POST /v1/models/{model_id}/fits first", code="no_fit")
     config = fit.config
@@ -338,5 +352,8 @@ async def predict(model_id: str, request: Request, services: ServicesDep, tenant
         metrics.predict_inputs.labels(model.id, "true").inc(flagged)
     if x.shape[0] - flagged:
         metrics.predict_inputs.labels(model.id, "false").inc(x.shape[0] - flagged)
-    payload = build_response(model, fit, options, threshold, out)
-    return Response(json.dumps(payload, separators=(",", ":")).encode(), media_type="application/json")
+    if x.shape[0] > OFF_LOOP_ROWS:
+        content = await run_in_threadpool(render_response, model, fit, options, threshold, out)
+    else:
+        content = render_response(model, fit, options, threshold, out)
+    return Response(content, media_type="application/json")
