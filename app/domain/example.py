@@ -20,8 +20,6 @@ from app.domain.datasetio import Dataset
 from app.domain.datasets import store_dataset
 from app.domain.errors import NotFound
 from app.domain.jobs import JobRecord, JobStatus
-from app.domain.kinds import FIT, submit
-from app.domain.kinds.fit import FitRequest
 from app.domain.models import ModelMetadata, register_model
 from curvature.options import Curvature, Task
 
@@ -131,6 +129,8 @@ def ensure_example(backend: Backend, on_progress: Callable[[JobRecord], None] | 
     Raises:
         RuntimeError: The fit job failed.
     """
+    from app.domain.kinds import FIT, submit  # job kinds import this module's export helper
+    from app.domain.kinds.fit import FitRequest
     from curvature.data import mnist5k
 
     settings = backend.settings
