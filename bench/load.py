@@ -1,9 +1,10 @@
 """Load test: 32 concurrent clients for 60 s against ``kronlap serve --example``, 16 inputs per request, K = 100.
 
 The server (embedded Redis and worker; the example fit cached under ``bench/cache/serve-data`` as for
-``bench/serve.py``) runs in a child process. After a warm-up that loads the posterior and draws its weight
-samples, every client loops on ``POST /v1/models/example/predict`` over one keep-alive connection, alternating
-JSON and ``application/x-npy`` bodies of 16 MNIST test digits. The server's resident memory is read from
+``bench/serve.py``) runs in a child process. After a 10 s warm-up at full concurrency (the posterior is
+loaded, its weight samples drawn, the thread pools grown), every client loops on
+``POST /v1/models/example/predict`` over one keep-alive connection, alternating JSON and
+``application/x-npy`` bodies of 16 MNIST test digits. The server's resident memory is read from
 ``/proc`` after the warm-up and after the run (a leak shows as growth; the bar is under 5%).
 
 Writes ``bench/results/load.json`` (``requests``, ``errors``, ``p50_ms``, ``p95_ms``, ``p99_ms``,
@@ -32,6 +33,7 @@ CLIENTS = 32
 SECONDS = 60.0
 INPUTS = 16
 SAMPLES = 100
+WARMUP_S = 10.0
 
 
 def rss_mb(pid: int) -> float:
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(args.port, batching=True, threads=args.threads)
     try:
         wait_ready(args.port, proc, timeout_s=900)
-        warm = asyncio.run(load(args.port, bodies, 4, 5.0))  # posterior loaded, samples drawn, pools grown
+        # Warm-up at full concurrency: the posterior is loaded, its samples drawn and the thread pools grown.
+        warm = asyncio.run(load(args.port, bodies, args.clients, WARMUP_S))
         if warm["errors"]:
             raise RuntimeError(f"warm-up failed: {warm['error_samples']}")
         rss_before = rss_mb(proc.pid)
