@@ -35,10 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import curvature as cv
 from app.domain.backend import Backend
-from app.domain.catalog import FitRecord, ModelRecord, new_id
+from app.domain.catalog import ModelRecord, new_id
 from app.domain.datasetio import Dataset, load_canonical
 from app.domain.datasets import check_compatible
 from app.domain.errors import InvalidInput, NotFound, ServiceError
+from app.domain.fits import save_fit
 from app.domain.jobs import JobCancelled, JobStatus, PermanentJobError
 from app.domain.kinds.base import JobKind, JobParams, JobResult, JobRun, Stage
 from app.domain.modelio import ModelImportError, load_model
@@ -107,15 +108,6 @@ def _tensors(x: np.ndarray, y: np.ndarray, model: ModelRecord, device: torch.dev
         if yt.ndim == 1:
             yt = yt.reshape(-1, 1)
     return xt, yt.to(device)
-
-
-def threshold_table(posterior: cv.LaplacePosterior) -> dict[str, dict[str, float]]:
-    """OOD thresholds by predictive, then by score (``fit_laplace`` calibrates every predictive)."""
-    return {
-        str(p): {str(s): float(v) for s, v in t.items()}
-        for p, t in posterior.ood_table.items()
-        if p in tuple(Predictive) and t
-    }
 
 
 def load_network(backend: Backend, model: ModelRecord) -> torch.nn.Module:
@@ -270,16 +262,13 @@ def _save(
     shards: dict[str, Any] | None = None,
 ) -> JobResult:
     """Stores the posterior (blob first, then the fit record naming it) and caches it in Redis."""
-    backend = run.backend
     run.progress(0.97, "saving posterior")
-    blob = posterior.to_bytes()
-    run.check_cancelled()
-    sha = backend.store.put_blob(blob)
-    summary = posterior.summary()
-    summary = summary if isinstance(summary, dict) else {}
     if shards is not None:
-        summary["shards"] = shards
-    fit = FitRecord(
+        posterior.metadata["shards"] = shards
+    run.check_cancelled()
+    save_fit(
+        run.backend,
+        posterior,
         id=params.fit_id,
         tenant=params.tenant,
         model_id=params.model_id,
@@ -287,17 +276,10 @@ def _save(
         validation_id=params.validation_id,
         job_id=params.job_id,
         config=params.config,
-        posterior_sha256=sha,
-        size_bytes=len(blob),
         ood_score=str(config.ood_score),
-        ood_thresholds=threshold_table(posterior),
-        summary=summary,
         device=str(device),
         duration_s=time.monotonic() - run.started,
     )
-    backend.catalog.put_fit(fit)
-    backend.cache.put(params.fit_id, blob)
-    backend.cache.set_latest(params.model_id, params.fit_id)
     return JobResult({"fit": params.fit_id, "links": {"fit": f"/v1/fits/{params.fit_id}"}}, "fit ready")
 
 
