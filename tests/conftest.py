@@ -259,7 +259,7 @@ def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: 
 
 def export_onnx(net: nn.Module, example: torch.Tensor) -> bytes:
     """``torch.onnx.export`` of ``net`` with a dynamic batch dimension."""
-    from app.domain.example import export_onnx as export
+    from app.domain.modelio.export import export_onnx as export
 
     return export(net, example)
 

@@ -7,10 +7,8 @@ and ``POST /v1/models/{id}/fits`` (the fit runs on a worker through the queue).
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,9 @@ from app.domain.datasetio import Dataset
 from app.domain.datasets import store_dataset
 from app.domain.errors import NotFound
 from app.domain.jobs import JobRecord, JobStatus
+from app.domain.kinds import FIT, submit
+from app.domain.kinds.fit import FitRequest
+from app.domain.modelio.export import export_onnx
 from app.domain.models import ModelMetadata, register_model
 from curvature.options import Curvature, Task
 
@@ -62,25 +63,6 @@ def train_example_onnx(epochs: int = 4, hidden: int = 256, seed: int = 0) -> byt
         nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10)), x, y, epochs, seed
     )
     return export_onnx(net, torch.zeros(1, x.shape[1]))
-
-
-def export_onnx(net, example) -> bytes:
-    """``torch.onnx.export`` of ``net`` (input ``x``, output ``logits``) with a dynamic batch dimension."""
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net,
-            (example,),
-            buf,
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return buf.getvalue()
 
 
 def example_model_bytes(cache_dir: Path) -> bytes:
@@ -129,8 +111,6 @@ def ensure_example(backend: Backend, on_progress: Callable[[JobRecord], None] | 
     Raises:
         RuntimeError: The fit job failed.
     """
-    from app.domain.kinds import FIT, submit  # job kinds import this module's export helper
-    from app.domain.kinds.fit import FitRequest
     from curvature.data import mnist5k
 
     settings = backend.settings

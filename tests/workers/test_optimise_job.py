@@ -54,7 +54,9 @@ def _final(job: dict) -> bool:
 
 def _autoencoder_onnx(exporters, width: int = 16) -> bytes:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(width, 8), nn.Tanh(), nn.Linear(8, 4), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, width))
+    net = nn.Sequential(
+        nn.Linear(width, 8), nn.Tanh(), nn.Linear(8, 4), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, width)
+    )
     return exporters["onnx"](net, torch.zeros(1, width))
 
 
@@ -178,7 +180,14 @@ def test_sigkilled_optimise_job_resumes_from_its_checkpoint(
         data = _post_data(client, h, x=m.x_train[:1000].numpy(), y=m.y_train[:1000].numpy())
         r = client.post(
             "/v1/jobs/optimise",
-            json={"model": mlp, "dataset": data, "method": "kflr", "steps": 400, "batch_size": 50, "checkpoint_every": 10},
+            json={
+                "model": mlp,
+                "dataset": data,
+                "method": "kflr",
+                "steps": 400,
+                "batch_size": 50,
+                "checkpoint_every": 10,
+            },
             headers=h,
         )
         job_id = r.json()["job"]["id"]

@@ -32,11 +32,11 @@ from app.domain.catalog import DatasetRecord, ModelRecord, new_id
 from app.domain.datasetio import load_canonical
 from app.domain.datasets import check_compatible
 from app.domain.errors import Conflict, InvalidInput, NotFound
-from app.domain.example import export_onnx
 from app.domain.fits import save_fit
 from app.domain.jobs import PermanentJobError
 from app.domain.kinds.base import Artifacts, JobKind, JobParams, JobResult, JobRun
 from app.domain.kinds.fit import load_network
+from app.domain.modelio.export import export_onnx
 from app.domain.models import ModelMetadata, register_model
 from curvature.options import MAX_SEED, ContinualMethod, ContinualOptimizer, Curvature, Predictive, Task
 

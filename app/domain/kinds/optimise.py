@@ -32,11 +32,11 @@ from app.domain.catalog import DatasetRecord, ModelRecord, new_id
 from app.domain.datasetio import load_canonical
 from app.domain.datasets import check_rows
 from app.domain.errors import InvalidInput
-from app.domain.example import export_onnx
 from app.domain.jobs import PermanentJobError
 from app.domain.kinds.base import JobKind, JobParams, JobResult, JobRun
 from app.domain.kinds.fit import load_network
 from app.domain.metrics import get_metrics
+from app.domain.modelio.export import export_onnx
 from app.domain.models import ModelMetadata, register_model
 from app.domain.statepack import pack_state, unpack_state
 from curvature.options import (
