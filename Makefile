@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-load bench-online bench-optim bench-deps-optim clean
+.PHONY: install test lint run bench-fit bench-predict bench-quality bench-serve bench-load bench-online bench-optim bench-deps-optim bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-load: $(STAMP)
 
 bench-online: $(STAMP)
 	$(PY) -m bench.online
+
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale
 
 run: $(STAMP)
 	$(VENV)/bin/kronlap serve --example --host $(HOST) --port $(PORT)
