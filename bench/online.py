@@ -252,6 +252,11 @@ def markdown(payload: dict) -> str:
                 f"| {row} | {r['optimizer']} | {s} | {100 * r['final_avg_acc']:.2f} | {100 * r['first_task_acc']:.2f} | "
                 f"{100 * r['per_task'][-1]:.2f} | {100 * r['val_final_avg_acc']:.2f} | {r['seconds']:.0f} |"
             )
+        lines += ["", "Strengths tried (optimiser:strength → mean validation accuracy after the last task):", ""]
+        for row, r in rows.items():
+            tried = ", ".join(f"{k} → {100 * v['val_final_avg_acc']:.1f}" for k, v in r["grid"].items())
+            like = f" (the {r['selected_like']} row's selection)" if r.get("selected_like") else ""
+            lines.append(f"- {row}: {tried}{like}")
         lines += ["", "Mean test accuracy over the tasks seen so far, after each task:", ""]
         lines.append("| row | " + " | ".join(str(i + 1) for i in range(n)) + " |")
         lines.append("|---|" + "---:|" * n)
@@ -334,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update", action="store_true", help="keep the results in online.json of benchmarks and rows not run now"
     )
+    parser.add_argument("--report-only", action="store_true", help="rebuild online.md and .png from online.json")
     parser.add_argument("--quick", action="store_true", help="3 tasks, 2 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -343,6 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {list(ROWS)}")
+    if args.report_only:
+        doc = json.loads((args.out / "online.json").read_text())
+        payload = {"meta": doc["meta"], "results": {b: doc[b] for b in ("permuted", "disjoint") if b in doc}}
+        payload["bar"] = bar(payload["results"])
+        (args.out / "online.md").write_text(markdown(payload))
+        figure(payload, args.out / "online.png")
+        log(f"rewrote {args.out / 'online.md'} and .png from online.json")
+        return 0
     torch.set_num_threads(args.threads)
     results, seconds = {}, {}
     for bench in args.benchmarks.split(","):
