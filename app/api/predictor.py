@@ -404,7 +404,15 @@ class PredictorPool:
         self.catalog = catalog
         self.cache = cache
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="kronlap-predict")
+        # torch's intra-op thread count is per OS thread: every thread that computes gets the process's, so
+        # the numbers do not depend on which thread served a request.
+        self.torch_threads = torch.get_num_threads()
+        self.executor = ThreadPoolExecutor(
+            settings.predict_threads,
+            thread_name_prefix="kronlap-predict",
+            initializer=torch.set_num_threads,
+            initargs=(self.torch_threads,),
+        )
         self._entries: OrderedDict[str, Predictor] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Predictor]] = {}
         self._resolved: dict[tuple, tuple[float, Any]] = {}
@@ -492,6 +500,7 @@ class PredictorPool:
         import curvature as cv
         from app.domain.modelio import load_model
 
+        torch.set_num_threads(self.torch_threads)  # lazily built decompositions come out the same on any thread
         model_bytes = self.catalog.store.get_blob(model.sha256)
 
         def network() -> torch.nn.Module:

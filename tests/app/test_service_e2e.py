@@ -26,6 +26,9 @@ from tests.conftest import flush_namespace
 
 pytestmark = pytest.mark.slow
 
+METRICS_TOKEN = "e2e-scrape-token-" + "t" * 20
+SCRAPE = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+
 
 @dataclass
 class Service:
@@ -65,7 +68,7 @@ def service(
 
     root = tmp_path_factory.mktemp("e2e")
     data_dir = root / "data"
-    settings = make_settings(data_dir, predict_max_wait_ms=5.0)
+    settings = make_settings(data_dir, predict_max_wait_ms=5.0, metrics_token=METRICS_TOKEN)
     flush_namespace(redis_url, redis_namespace)
     worker = WorkerProcess(settings, root / "worker.log", root / "worker.heartbeat")
     try:
@@ -284,7 +287,7 @@ def _metric(text: str, name: str) -> float:
 def test_concurrent_requests_are_micro_batched(service: Service, mlp_fit: dict, trained_models) -> None:
     model_id = mlp_fit["model"]["id"]
     rows = trained_models.x_test[:24].numpy()
-    before = service.client.get("/metrics").text
+    before = service.client.get("/metrics", headers=SCRAPE).text
 
     def one(i: int) -> dict:
         with httpx.Client(base_url=service.url, timeout=60) as client:
@@ -299,7 +302,7 @@ def test_concurrent_requests_are_micro_batched(service: Service, mlp_fit: dict, 
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(one, range(24)))
     assert all(len(a["results"]) == 1 for a in answers)
-    after = service.client.get("/metrics").text
+    after = service.client.get("/metrics", headers=SCRAPE).text
     calls = _metric(after, "kronlap_predict_batch_requests_count") - _metric(
         before, "kronlap_predict_batch_requests_count"
     )
@@ -319,7 +322,7 @@ def test_predict_survives_a_redis_flush(
     flush_namespace(redis_url, redis_namespace)
     # A fresh API process (no predictor in memory, nothing in Redis) must reload the fit from the store.
     with run_server(create_app(service.settings)) as server, httpx.Client(base_url=server.url, timeout=60) as c:
-        loads = _metric(c.get("/metrics").text, 'kronlap_predictor_loads_total{source="store"}')
+        loads = _metric(c.get("/metrics", headers=SCRAPE).text, 'kronlap_predictor_loads_total{source="store"}')
         r = c.post(
             f"/v1/models/{mlp_fit['model']['id']}/predict",
             json={"inputs": x.tolist(), "samples": 10, "seed": 5},
@@ -327,7 +330,7 @@ def test_predict_survives_a_redis_flush(
         )
         assert r.status_code == 200, r.text
         assert r.json()["results"] == before["results"]
-        assert _metric(c.get("/metrics").text, 'kronlap_predictor_loads_total{source="store"}') == loads + 1
+        assert _metric(c.get("/metrics", headers=SCRAPE).text, 'kronlap_predictor_loads_total{source="store"}') == loads + 1
         fit = c.get(f"/v1/fits/{mlp_fit['fit_id']}", headers=service.headers).json()
         assert fit["status"] == "succeeded"
 
