@@ -14,7 +14,7 @@ Rows per network, every one evaluated on the MNIST-5k test digits (500) and the 
 * ``map``: the network itself; OOD score: softmax entropy.
 * ``laplace_torch``: laplace-torch 0.3, ``Laplace(model, "classification", subset_of_weights="all",
   hessian_structure="kron")``, its prior precision chosen by validation NLL over ``10^{-2}, 10^{-1.5}, …,
-  10^6`` with its ``nn`` predictive and ``mc`` link (6 samples per value; 100 for evaluation); OOD score: the
+  10^6`` with its ``nn`` predictive and ``mc`` link (6 samples per value; 50 for evaluation); OOD score: the
   entropy of its predictive. (Its ``glm`` predictive needs full Jacobians: minutes per thousand inputs on the
   MLP, see ``bench/results/predict.md``.)
 * ``default``: ``curvature.fit_laplace`` with ``LaplaceConfig()`` (what ``POST /v1/models/{id}/fits`` does with
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--samples", type=int, default=100, help="samples for evaluation")
     parser.add_argument("--rival-tune-samples", type=int, default=6)
+    parser.add_argument("--rival-samples", type=int, default=50, help="laplace-torch samples for evaluation")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-rival", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{name}_map"] = res
         if not args.no_rival:
             log(f"{name}: laplace-torch")
-            res = rival_row(model, splits, sets, args.samples, args.rival_tune_samples)
+            res = rival_row(model, splits, sets, args.rival_samples, args.rival_tune_samples)
             entry["laplace_torch"] = None if res is None else res["row"]
             if res is not None:
                 results[f"{name}_laplace_torch"] = res

@@ -36,10 +36,14 @@ class LaplaceConfig:
       while its validation accuracy is below the network's).
     * ``ood_score="mutual_information"``: the epistemic part of the predictive entropy; on every network and
       OOD kind of the quality benchmark its AUROC is at least that of the total entropy.
-    * ``tuning="validation"`` with ``tune_points=256``: ``(N_eff, τ)`` and the null-space prior by validation NLL
-      on 256 validation points (a seeded draw; ``None``: all), among candidates that keep the network's
-      validation accuracy (one example of slack). OOD thresholds are then the ``ood_quantile`` of the score over
-      *all* validation points at the chosen values, from the same features.
+    * ``tuning="validation"``: ``(N_eff, τ)`` and the null-space prior by validation NLL on at most
+      ``tune_points=2048`` validation points (a seeded draw; ``None``: all), among candidates that keep the
+      network's validation accuracy (one example of slack); within ``calibration_tolerance=0.01`` (relative) of
+      the best NLL, the candidate whose mean confidence is closest to its accuracy (the NLL optimum is
+      underconfident on average: on the quality benchmark this lowers the test ECE, e.g. 0.037 → 0.022 on the
+      MLP). Tuning on 256 of the 500 validation digits was tried and costs calibration (ECE 0.028 vs 0.022 on the
+      MLP, 0.043 vs 0.039 on the tanh MLP). OOD thresholds are the ``ood_quantile`` of the score over *all*
+      validation points at the chosen values, from the same features (no second pass).
     """
 
     curvature: Curvature = DEFAULT_CURVATURE
@@ -58,7 +62,8 @@ class LaplaceConfig:
     seed: int = 0
     tune_per_layer: bool = False
     tune_null_prior: bool = True
-    tune_points: int | None = 256
+    tune_points: int | None = 2048
+    calibration_tolerance: float | None = 0.01
     sigma: float | None = None
 
     def __post_init__(self) -> None:
@@ -261,6 +266,7 @@ def fit_laplace(
                 feats=feats,
                 summary_samples=cfg.samples,
                 min_accuracy=min_accuracy,
+                calibration_tolerance=cfg.calibration_tolerance if cfg.likelihood == "classification" else None,
                 rows=rows,
                 progress=tune_progress,
             )
