@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.domain.settings import Settings
 from bench.common import CACHE_DIR, write_report
 
 DATA_DIR = CACHE_DIR / "serve-data"
@@ -377,7 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         runs["batching/batch1/clients32"]["requests_per_s"] / runs["no_batching/batch1/clients32"]["requests_per_s"]
     )
     payload = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "predict_threads": Settings.model_fields["predict_threads"].default,
+            "predict_chunk_cost": Settings.model_fields["predict_chunk_cost"].default,
+        },
         "samples": SAMPLES,
         "model": "example: MNIST-5k MLP 784-256-10, KFAC fit",
         "in_process_ms": {k: 1000 * v for k, v in local.items()},
