@@ -175,3 +175,31 @@ def test_flag_false_positive_rate_on_held_out_data_is_the_nominal_quantile():
         train_scores = post.predict(x, samples=50)["ood_score"].double()
         naive = float(train_scores.quantile(0.95))
         assert naive != post.ood_threshold(score)
+
+
+def test_calibration_rule_and_accuracy_floor_choose_among_recorded_candidates():
+    """With a tolerance, the choice is the recorded candidate (no null prior) of smallest |confidence − accuracy|
+    among those within the tolerance of the best NLL; candidates under the accuracy floor are never chosen."""
+    post, x_val, y_val = classification_validation()
+    probe = cv.tune_linearised(post, x_val, y_val, samples=8, seed=3, null_prior=False, min_accuracy=0.0)
+    accs = sorted({h["acc"] for h in probe.history})
+    assert len(accs) >= 3, "the floor would not bite"
+    floor = accs[len(accs) // 2]  # about half of the candidates fall under it
+    post, *_ = classification_validation()
+    tol = 0.05
+    result = cv.tune_linearised(
+        post, x_val, y_val, samples=8, seed=3, null_prior=False, calibration_tolerance=tol, min_accuracy=floor
+    )
+    best = min(h["nll"] for h in result.history)
+    eligible = [h for h in result.history if h["nll"] <= best * (1 + tol)]
+    assert all(h["acc"] >= floor for h in eligible)
+    assert all(math.isinf(h["nll"]) for h in result.history if h["acc"] < floor)
+    pick = min(eligible, key=lambda h: (h["calibration_gap"], h["nll"]))
+    chosen = (math.log10(result.n_eff / N_DATA), math.log10(result.prior_precision))
+    assert chosen == pytest.approx((pick["log10_n_ratio"], pick["log10_prior"]), abs=1e-9)
+    assert result.objective == pick["nll"]
+    # the gap is what it says: the tuned posterior's predictions on the validation inputs
+    probs = post.predict(x_val, samples=8, predictive="glm", seed=3)["probs"]
+    acc = float((probs.argmax(-1) == y_val).double().mean())
+    assert abs(float(probs.max(-1).values.double().mean()) - acc) == pytest.approx(pick["calibration_gap"], abs=1e-6)
+    assert any(h["acc"] < floor for h in result.history)
