@@ -23,6 +23,7 @@ from app.domain.backend import Backend
 from app.domain.jobs import FINAL, JobStatus
 from app.domain.kinds import FIT, execute
 from app.domain.kinds.fit import SHARD_RECORDS, FitParams, load_network, shard_bounds
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -116,9 +117,14 @@ def test_sharded_fit_on_two_workers_equals_the_single_message_fit(
 ) -> None:
     settings = make_settings(data_dir, fit_shard_size=SHARD_SIZE)
     assert len(shard_bounds(N_TRAIN, SHARD_SIZE)) == 4
-    workers = [start_worker(settings), start_worker(settings)]
+    metrics_port = free_port()
+    workers = [start_worker(settings.model_copy(update={"worker_metrics_port": metrics_port})), start_worker(settings)]
     for worker in workers:
         worker.wait_ready()
+    # Each worker names its device in its log and in its metrics.
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    assert 'kronlap_worker_device_info{device="cpu"' in metrics
+    assert all("compute device cpu" in worker.log() for worker in workers)
     m, h = trained_models, tenant_headers["a"]
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         model_id, dataset_id = _upload(client, h, m)
@@ -133,7 +139,7 @@ def test_sharded_fit_on_two_workers_equals_the_single_message_fit(
 
         done = _wait(client, h, job_id, finished)
         assert done["status"] == "succeeded", (done, workers[0].log(), workers[1].log())
-        assert done["result"]["fit"] == fit_id and done["details"]["shards"] == 4
+        assert done["result"]["fit"] == fit_id and done["details"] == {"shards": 4, "device": "cpu"}
         assert any(0.05 < p < 0.65 for p in seen)  # progress moved while the shards ran
         fit = client.get(f"/v1/fits/{fit_id}", headers=h).json()
         assert fit["status"] == "succeeded"
@@ -144,7 +150,8 @@ def test_sharded_fit_on_two_workers_equals_the_single_message_fit(
     record = backend.catalog.get_fit(fit_id, "tenant-a")
     parts = record.summary["shards"]["parts"]
     assert [part["rows"] for part in parts] == [list(b) for b in shard_bounds(N_TRAIN, SHARD_SIZE)]
-    assert record.summary["shards"]["examples"] == N_TRAIN
+    assert record.summary["shards"]["examples"] == N_TRAIN and record.device == "cpu"
+    assert {part["device"] for part in parts} == {"cpu"} and len({part["worker"] for part in parts}) <= 2
     assert list(backend.store.records(SHARD_RECORDS)) == []  # the reduce step cleared its shard records
     reference = _single_message_fit(settings, fit_id, "tenant-a")
     _assert_same_posterior(_posterior(backend, fit_id, "tenant-a"), reference, m.x_test[:100])
