@@ -20,6 +20,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -31,6 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app.domain.store import _SHA, KINDS, STORE_ID_FILE, ArtifactStore, sha256_hex, valid_id
 
 _MISSING = ("404", "NoSuchKey", "NotFound")
+_READ_AHEAD = 16  # concurrent GETs when listing records (boto3 clients are thread-safe)
 
 
 def parse_store_url(url: str) -> tuple[str, str]:
@@ -166,17 +168,20 @@ class S3ArtifactStore:
         return True
 
     def records(self, kind: str) -> Iterator[dict[str, Any]]:
-        """Every record of ``kind`` (unordered)."""
+        """Every record of ``kind`` (unordered), fetched ``_READ_AHEAD`` at a time in parallel (one GET each)."""
         if kind not in KINDS:
             raise ValueError(f"unknown record kind {kind!r}")
-        for item in self._list(f"{self.prefix}records/{kind}/"):
-            data = self._get(item["Key"])
-            if data is None:
-                continue
-            try:
-                yield json.loads(data)
-            except json.JSONDecodeError:
-                continue
+        keys = [item["Key"] for item in self._list(f"{self.prefix}records/{kind}/")]
+        if not keys:
+            return
+        with ThreadPoolExecutor(max_workers=min(_READ_AHEAD, len(keys))) as pool:
+            for data in pool.map(self._get, keys):
+                if data is None:
+                    continue
+                try:
+                    yield json.loads(data)
+                except json.JSONDecodeError:
+                    continue
 
     # -- maintenance -------------------------------------------------------------------------------------
 
