@@ -164,8 +164,8 @@ def predict_rates(posterior: Any, x: torch.Tensor, mc_samples: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=20_000)
-    parser.add_argument("--shard-size", type=int, default=2_500)
+    parser.add_argument("--examples", type=int, default=40_000)
+    parser.add_argument("--shard-size", type=int, default=5_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--curvature", default="kflr")
     parser.add_argument("--tuning", default="validation")
