@@ -11,8 +11,8 @@ stores the posterior bytes (content-addressed), caches them in Redis and writes 
 A fit over more than ``KRONLAP_FIT_SHARD_SIZE`` training examples is sharded: the run sends a Dramatiq group
 of shard messages (``fit_shard``: one shard's curvature factors, on any worker) whose completion callback is
 the reduce step (``fit_reduce``: merge the factors, then damping, tuning and OOD calibration), and the job
-stays running until the reduce step ends it. KFRA fits, and regression fits whose noise scale is estimated
-from all the data, stay one message.
+stays running until the reduce step ends it. A regression fit first estimates its noise scale on all the data,
+as a single-message fit does. KFRA fits stay one message.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from curvature.options import (
     Task,
     Tuning,
 )
+from curvature.posterior import estimate_sigma
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ class FitKind(JobKind[FitRequest, FitParams]):
         data_rec = backend.catalog.get_dataset(params.dataset_id, params.tenant)
         bounds = shard_bounds(data_rec.n, backend.settings.fit_shard_size)
         if len(bounds) > 1 and shardable(config):
+            if config.likelihood == Task.regression and config.sigma is None:
+                params = with_noise_scale(params, _load(backend, params, run.device()))
             return dispatch_shards(self, params, run, bounds)
         inputs = _load(backend, params, run.device())
         run.progress(0.05, f"fitting {config.curvature} on {inputs.device.type}", device=str(inputs.device))
@@ -320,11 +323,16 @@ def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def shardable(config: cv.LaplaceConfig) -> bool:
-    """Whether shard factors add up to this fit's: not KFRA (its ``G`` recursion multiplies data averages),
-    and for regression only with a given noise scale (otherwise it is estimated from all the data first)."""
-    if config.curvature == Curvature.kfra:
-        return False
-    return config.likelihood != Task.regression or config.sigma is not None
+    """Whether shard factors add up to this fit's: not for KFRA (its ``G`` recursion multiplies data averages)."""
+    return config.curvature != Curvature.kfra
+
+
+def with_noise_scale(params: FitParams, inputs: _Inputs) -> FitParams:
+    """A regression fit's params with the noise scale ``cv.fit_laplace`` would estimate from all the data, so
+    every shard's Gaussian likelihood (and hence its ``G``) is the single-message fit's."""
+    dtype = next(inputs.module.parameters()).dtype
+    sigma = estimate_sigma(inputs.module, inputs.x.to(dtype), inputs.y.to(dtype))
+    return params.model_copy(update={"config": {**params.config, "sigma": sigma}})
 
 
 def shard_record_id(fit_id: str, index: int) -> str:
