@@ -1,7 +1,7 @@
 """Second-order optimiser with Kronecker-factored Gauss-Newton curvature (thesis §4.4, eqs 4.16-4.27).
 
 The objective is ``E(θ) = (1/n) Σ_n −log p(y_n|x_n, θ) + (λ/2)‖θ‖²`` on each minibatch, with ``θ`` the layers'
-``Ŵ = [W b]`` (DESIGN §3). One step:
+``Ŵ = [W b]`` (docs/design.md §3). One step:
 
 1. gradient ``∇E`` and the curvature ``G̃`` of one estimator (KFRA, KFLR, KFAC, random projections: per layer
    ``G ⊗ A``; or the diagonal GGN), refreshed every ``curvature_interval`` steps, optionally as an exponential

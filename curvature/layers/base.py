@@ -1,6 +1,6 @@
 """What the curvature core needs to know about one parameterised layer type.
 
-Conventions shared by every handler (DESIGN §3):
+Conventions shared by every handler (docs/design.md §3):
 
 * A layer's parameters are a weight ``W`` (out × in, convolution kernels flattened) and an optional bias
   ``b``. We work with ``Ŵ = [W b]`` (out × (in+1)), flattened row-major as PyTorch does, so the Kronecker
