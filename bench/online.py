@@ -263,11 +263,13 @@ def markdown(payload: dict) -> str:
         for row, r in rows.items():
             lines.append(f"| {row} | " + " | ".join(f"{100 * a:.1f}" for a in r["curve"]) + " |")
         lines.append("")
+    if m.get("notes"):
+        lines += ["## Notes", "", *[f"- {note}" for note in m["notes"]], ""]
     lines += ["## The bar", ""]
     for check, ok in payload["bar"].items():
         lines.append(f"- {'met' if ok else 'NOT met'}: {check}")
     lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def figure(payload: dict, path: Path) -> None:
