@@ -37,8 +37,15 @@ def sym_eigh(
     if M.dim() != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"Expected a square matrix, got shape {tuple(M.shape)}.")
     dtype = M.dtype
-    m64 = M.to(compute_dtype or dtype)
-    s, u = torch.linalg.eigh(0.5 * (m64 + m64.T))
+    m = M.to(compute_dtype or dtype)
+    try:
+        s, u = torch.linalg.eigh(0.5 * (m + m.T))
+    except torch.linalg.LinAlgError:
+        if m.dtype == torch.float64:
+            raise
+        # Single-precision LAPACK can fail to converge on factors with many equal (e.g. zero) eigenvalues.
+        m = M.to(torch.float64)
+        s, u = torch.linalg.eigh(0.5 * (m + m.T))
     return s.clamp_min(min_eig).to(dtype), u.to(dtype)
 
 

@@ -11,7 +11,7 @@ from app.domain.catalog import ModelRecord, new_id
 from app.domain.errors import InvalidInput
 from app.domain.modelio import load_model
 from curvature import supported_curvatures
-from curvature.options import Task
+from curvature.options import Curvature, Task
 
 
 class ModelMetadata(BaseModel):
@@ -100,3 +100,23 @@ def delete_model(backend: Backend, tenant: str, model_id: str) -> list[str]:
         if sha not in referenced:
             backend.store.delete_blob(sha)
     return fit_ids
+
+
+_WHY_UNSUPPORTED = {Curvature.kfra: "KFRA needs a chain of Linear layers with element-wise activations"}
+
+
+def require_curvature(model: ModelRecord, curvature: Curvature) -> None:
+    """Checks that the core can fit ``curvature`` on the model (records from before curvatures were recorded
+    pass; the core then decides).
+
+    Raises:
+        InvalidInput: With code ``unsupported_curvature`` and the supported curvatures in its detail.
+    """
+    if model.curvatures is None or curvature in model.curvatures:
+        return
+    raise InvalidInput(
+        f"curvature {curvature.value!r} cannot be fitted on model {model.id!r}: "
+        + _WHY_UNSUPPORTED.get(curvature, "not supported for its layers"),
+        code="unsupported_curvature",
+        detail={"curvature": curvature.value, "supported": [c.value for c in model.curvatures]},
+    )

@@ -232,3 +232,25 @@ def test_damped_inverse_on_fitted_factors_matches_dense_block():
         got = eig.damped_inverse_apply(V, factors.n_data, TAU)
         assert_close_report(_vec(got), torch.linalg.solve(P, _vec(V)), rtol=1e-9, name=layer.name)
         assert_close_report(eig.logdet(factors.n_data, TAU), torch.linalg.slogdet(P)[1], rtol=1e-10)
+
+
+def test_sym_eigh_in_single_precision_survives_a_factor_lapack_cannot_diagonalise() -> None:
+    """The input factor of a 784-64-10 MLP on 600 MNIST digits (hundreds of never-lit pixels: many zero
+    eigenvalues) makes single-threaded float32 ``eigh`` fail to converge here; ``sym_eigh`` must still answer."""
+    from torch import nn
+
+    from curvature.data import mnist5k
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        splits = mnist5k(seed=0, flat=True)
+        x, y = splits.train.x[:600], splits.train.y[:600]
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+        A = cv.fit_kronecker(net, (x, y), cv.CrossEntropy(), method="kfac", batch_size=512)["0"].A
+        s, u = cv.sym_eigh(A, compute_dtype=None)
+    finally:
+        torch.set_num_threads(threads)
+    assert s.dtype == torch.float32 and bool(torch.isfinite(u).all())
+    torch.testing.assert_close(u @ torch.diag(s) @ u.T, A, atol=2e-5, rtol=0)

@@ -4,45 +4,16 @@ worker SIGKILLed mid-job resumes at the task it was on."""
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
 from app.api.main import create_app
+from tests.jobhelpers import is_final, npz_bytes, upload, wait_job
 
 pytestmark = pytest.mark.slow
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _post(client: httpx.Client, h: dict, url: str, name: str, data: bytes) -> str:
-    r = client.post(url, files={"file": (name, data)}, headers=h)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def _wait(client: httpx.Client, h: dict, job_id: str, until: Callable[[dict], bool], timeout_s: float = 300) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}", headers=h).json()
-        if until(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.02)
-
-
-def _final(job: dict) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled")
 
 
 def _tasks(client: httpx.Client, h: dict, m, count: int, n: int = 300) -> list[str]:
@@ -52,8 +23,8 @@ def _tasks(client: httpx.Client, h: dict, m, count: int, n: int = 300) -> list[s
         perm = torch.arange(784) if t == 0 else torch.randperm(784, generator=torch.Generator().manual_seed(t))
         x, y = m.x_train[t * n : (t + 1) * n][:, perm], m.y_train[t * n : (t + 1) * n]
         xv, yv = m.x_val[:100][:, perm], m.y_val[:100]
-        data = _npz(x=x.numpy(), y=y.numpy(), x_val=xv.numpy(), y_val=yv.numpy())
-        ids.append(_post(client, h, "/v1/datasets", f"task{t}.npz", data))
+        data = npz_bytes(x=x.numpy(), y=y.numpy(), x_val=xv.numpy(), y_val=yv.numpy())
+        ids.append(upload(client, h, "/v1/datasets", f"task{t}.npz", data))
     return ids
 
 
@@ -65,9 +36,11 @@ def test_online_laplace_job_learns_tasks_serves_the_result_and_continues(
     m = trained_models
     start_worker(settings).wait_ready()
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        mlp = _post(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
+        mlp = upload(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
         tasks = _tasks(client, h, m, 3)
-        no_val = _post(client, h, "/v1/datasets", "d.npz", _npz(x=m.x_train[:50].numpy(), y=m.y_train[:50].numpy()))
+        no_val = upload(
+            client, h, "/v1/datasets", "d.npz", npz_bytes(x=m.x_train[:50].numpy(), y=m.y_train[:50].numpy())
+        )
         refused = [
             ({"datasets": tasks[:1]}, "validation_error"),
             ({"model": mlp, "continue_from": "job_x", "datasets": tasks[:1]}, "validation_error"),
@@ -86,7 +59,7 @@ def test_online_laplace_job_learns_tasks_serves_the_result_and_continues(
         body = {"model": mlp, "datasets": tasks[:2], "method": "online", "curvature": "kflr", "strength": 10.0}
         r = client.post("/v1/jobs/online-laplace", json={**body, "epochs": 8, "lr": 5e-3}, headers=h)
         assert r.status_code == 202, r.text
-        first = _wait(client, h, r.json()["job"]["id"], _final)
+        first = wait_job(client, h, r.json()["job"]["id"], is_final)
         assert first["status"] == "succeeded", first
         R = first["result"]["accuracy"]
         assert [len(row) for row in R] == [1, 2] and all(0 <= a <= 1 for row in R for a in row)
@@ -121,7 +94,7 @@ def test_online_laplace_job_learns_tasks_serves_the_result_and_continues(
             headers=h,
         )
         assert r.status_code == 202, r.text
-        second = _wait(client, h, r.json()["job"]["id"], _final)
+        second = wait_job(client, h, r.json()["job"]["id"], is_final)
         assert second["status"] == "succeeded", second
         R2 = second["result"]["accuracy"]
         assert [len(row) for row in R2] == [1, 2, 3] and R2[:2] == R
@@ -138,7 +111,7 @@ def test_sigkilled_online_laplace_job_resumes_at_its_task(
     m = trained_models
     first = start_worker(settings).wait_ready()
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        mlp = _post(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
+        mlp = upload(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
         tasks = _tasks(client, h, m, 3, n=600)
         r = client.post(
             "/v1/jobs/online-laplace",
@@ -153,14 +126,14 @@ def test_sigkilled_online_laplace_job_resumes_at_its_task(
             headers=h,
         )
         job_id = r.json()["job"]["id"]
-        _wait(client, h, job_id, lambda j: (j.get("details") or {}).get("task", 0) >= 1 or _final(j))
+        wait_job(client, h, job_id, lambda j: (j.get("details") or {}).get("task", 0) >= 1 or is_final(j))
         first.kill()
         stalled = client.get(f"/v1/jobs/{job_id}", headers=h).json()
         assert stalled["status"] == "running" and stalled["attempts"] == 1, stalled
         done_tasks = stalled["details"]["task"]
 
         start_worker(settings).wait_ready()
-        done = _wait(client, h, job_id, _final)
+        done = wait_job(client, h, job_id, is_final)
         assert done["status"] == "succeeded" and done["attempts"] == 2, done
         resumed = done["result"]["resumed_at"]
         assert resumed is not None and resumed["task"] >= done_tasks >= 1

@@ -4,9 +4,6 @@ worker SIGKILLed mid-run is resumed from the last checkpoint, not from step 0.""
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,40 +13,13 @@ import torch
 from torch import nn
 
 from app.api.main import create_app
+from tests.jobhelpers import is_final, npz_bytes, upload, wait_job
 
 pytestmark = pytest.mark.slow
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _post_model(client: httpx.Client, h: dict, name: str, data: bytes) -> str:
-    r = client.post("/v1/models", files={"file": (name, data)}, headers=h)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def _post_data(client: httpx.Client, h: dict, **arrays: np.ndarray) -> str:
-    r = client.post("/v1/datasets", files={"file": ("d.npz", _npz(**arrays))}, headers=h)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def _wait(client: httpx.Client, h: dict, job_id: str, until: Callable[[dict], bool], timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}", headers=h).json()
-        if until(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.02)
-
-
-def _final(job: dict) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled")
+def _data(client: httpx.Client, h: dict, **arrays: np.ndarray) -> str:
+    return upload(client, h, "/v1/datasets", "d.npz", npz_bytes(**arrays))
 
 
 def _autoencoder_onnx(exporters, width: int = 16) -> bytes:
@@ -67,15 +37,15 @@ def test_inconsistent_requests_are_refused_before_queueing(
     h = tenant_headers["a"]
     m = trained_models
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        mlp = _post_model(client, h, "mlp.onnx", m.mlp_onnx)
-        cnn = _post_model(client, h, "cnn.pt2", m.cnn_pt2)
-        ae = _post_model(client, h, "ae.onnx", _autoencoder_onnx(exporters))
-        labelled = _post_data(client, h, x=m.x_train[:50].numpy(), y=m.y_train[:50].numpy())
-        images = _post_data(client, h, x=m.x_train[:50].reshape(-1, 1, 28, 28).numpy(), y=m.y_train[:50].numpy())
-        unlabelled = _post_data(client, h, x=np.random.default_rng(0).random((40, 16)).astype(np.float32))
-        outside = _post_data(client, h, x=np.full((40, 16), 3.0, dtype=np.float32))
-        narrow = _post_data(client, h, x=np.zeros((10, 10), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
-        floats = _post_data(client, h, x=m.x_train[:50].numpy(), y=np.zeros(50, dtype=np.float32))
+        mlp = upload(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
+        cnn = upload(client, h, "/v1/models", "cnn.pt2", m.cnn_pt2)
+        ae = upload(client, h, "/v1/models", "ae.onnx", _autoencoder_onnx(exporters))
+        labelled = _data(client, h, x=m.x_train[:50].numpy(), y=m.y_train[:50].numpy())
+        images = _data(client, h, x=m.x_train[:50].reshape(-1, 1, 28, 28).numpy(), y=m.y_train[:50].numpy())
+        unlabelled = _data(client, h, x=np.random.default_rng(0).random((40, 16)).astype(np.float32))
+        outside = _data(client, h, x=np.full((40, 16), 3.0, dtype=np.float32))
+        narrow = _data(client, h, x=np.zeros((10, 10), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
+        floats = _data(client, h, x=m.x_train[:50].numpy(), y=np.zeros(50, dtype=np.float32))
         cases = [
             ({"model": "mdl_nope", "dataset": labelled}, 404, "not_found"),
             ({"model": mlp, "dataset": "ds_nope"}, 404, "not_found"),
@@ -110,8 +80,8 @@ def test_optimise_job_trains_a_model_that_can_be_fitted_and_served(
     m = trained_models
     start_worker(settings).wait_ready()
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        mlp = _post_model(client, h, "mlp.onnx", m.mlp_onnx)
-        data = _post_data(
+        mlp = upload(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
+        data = _data(
             client,
             h,
             x=m.x_train[:600].numpy(),
@@ -127,7 +97,7 @@ def test_optimise_job_trains_a_model_that_can_be_fitted_and_served(
         assert r.status_code == 202, r.text
         job_id = r.json()["job"]["id"]
         seen: list[dict] = []
-        done = _wait(client, h, job_id, lambda j: seen.append(j) or _final(j))
+        done = wait_job(client, h, job_id, lambda j: seen.append(j) or is_final(j))
         assert done["status"] == "succeeded", done
         assert any((j.get("details") or {}).get("loss") is not None for j in seen)
         result = done["result"]
@@ -144,14 +114,14 @@ def test_optimise_job_trains_a_model_that_can_be_fitted_and_served(
 
         fit = client.post(f"/v1/models/{trained['id']}/fits", json={"dataset": data, "samples": 20}, headers=h)
         assert fit.status_code == 202, fit.text
-        fitted = _wait(client, h, fit.json()["job"]["id"], _final)
-        assert fitted["status"] == "succeeded", fitted
+        fitted = wait_job(client, h, fit.json()["job"]["id"], is_final)
+        assert fitted["status"] == "succeeded", fitted["error"]
         pred = client.post(f"/v1/models/{trained['id']}/predict", json={"inputs": m.x_test[:4].tolist()}, headers=h)
         assert pred.status_code == 200 and len(pred.json()["results"]) == 4
 
-        ae = _post_model(client, h, "ae.onnx", _autoencoder_onnx(exporters))
+        ae = upload(client, h, "/v1/models", "ae.onnx", _autoencoder_onnx(exporters))
         x = (np.random.default_rng(1).random((400, 16)) < 0.3).astype(np.float32)
-        images = _post_data(client, h, x=x)
+        images = _data(client, h, x=x)
         losses = {}
         for method in ("kfra", "adam"):
             r = client.post(
@@ -160,7 +130,7 @@ def test_optimise_job_trains_a_model_that_can_be_fitted_and_served(
                 headers=h,
             )
             assert r.status_code == 202, r.text
-            job = _wait(client, h, r.json()["job"]["id"], _final)
+            job = wait_job(client, h, r.json()["job"]["id"], is_final)
             assert job["status"] == "succeeded", job
             curve = client.get(job["result"]["links"]["curve"], headers=h).json()["curve"]
             assert curve[-1]["loss"] < curve[0]["loss"]
@@ -176,8 +146,8 @@ def test_sigkilled_optimise_job_resumes_from_its_checkpoint(
     m = trained_models
     first = start_worker(settings).wait_ready()
     with run_server(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        mlp = _post_model(client, h, "mlp.onnx", m.mlp_onnx)
-        data = _post_data(client, h, x=m.x_train[:1000].numpy(), y=m.y_train[:1000].numpy())
+        mlp = upload(client, h, "/v1/models", "mlp.onnx", m.mlp_onnx)
+        data = _data(client, h, x=m.x_train[:1000].numpy(), y=m.y_train[:1000].numpy())
         r = client.post(
             "/v1/jobs/optimise",
             json={
@@ -191,14 +161,14 @@ def test_sigkilled_optimise_job_resumes_from_its_checkpoint(
             headers=h,
         )
         job_id = r.json()["job"]["id"]
-        _wait(client, h, job_id, lambda j: (j.get("details") or {}).get("step", 0) >= 25 or _final(j))
+        wait_job(client, h, job_id, lambda j: (j.get("details") or {}).get("step", 0) >= 25 or is_final(j))
         first.kill()
         stalled = client.get(f"/v1/jobs/{job_id}", headers=h).json()
         assert stalled["status"] == "running" and stalled["attempts"] == 1, stalled
         killed_at = stalled["details"]["step"]
 
         start_worker(settings).wait_ready()
-        done = _wait(client, h, job_id, _final, timeout_s=300)
+        done = wait_job(client, h, job_id, is_final, timeout_s=300)
         assert done["status"] == "succeeded" and done["attempts"] == 2, done
         resumed = done["result"]["resumed_from_step"]
         assert resumed is not None and resumed >= 20 and resumed % 10 == 0 and resumed <= killed_at

@@ -17,7 +17,6 @@ threshold calibrated on the tasks' validation inputs), and ``accuracy.json``, ``
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from typing import Any, ClassVar, Literal
@@ -37,7 +36,8 @@ from app.domain.jobs import PermanentJobError
 from app.domain.kinds.base import Artifacts, JobKind, JobParams, JobResult, JobRun
 from app.domain.kinds.fit import load_network
 from app.domain.modelio.export import export_onnx
-from app.domain.models import ModelMetadata, register_model
+from app.domain.models import ModelMetadata, register_model, require_curvature
+from app.domain.plots import png_bytes, subplots
 from curvature.options import MAX_SEED, ContinualMethod, ContinualOptimizer, Curvature, Predictive, Task
 
 LAPLACE_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
@@ -117,13 +117,8 @@ def _task(data_rec: DatasetRecord, backend: Backend, model: ModelRecord) -> tupl
 
 def accuracy_png(matrix: list[list[float]], title: str) -> bytes:
     """Validation accuracy of each task as later tasks arrive, and their mean (thesis Fig. 5.10 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     n = len(matrix)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    fig, ax = subplots(figsize=(6.4, 3.6))
     for j in range(n):
         xs = [i + 1 for i in range(j, n) if j < len(matrix[i])]
         ax.plot(
@@ -138,10 +133,7 @@ def accuracy_png(matrix: list[list[float]], title: str) -> bytes:
     if n <= 12:
         ax.legend(fontsize=7, ncol=2)
     ax.set_title(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 class OnlineLaplaceKind(JobKind[OnlineLaplaceRequest, OnlineLaplaceParams]):
@@ -191,12 +183,7 @@ class OnlineLaplaceKind(JobKind[OnlineLaplaceRequest, OnlineLaplaceParams]):
                 )
         method = ContinualMethod(inherited.get("method") or request.method or cv.ContinualConfig.method)
         curvature = Curvature(inherited.get("curvature") or request.curvature or cv.ContinualConfig.curvature)
-        if model.curvatures is not None and curvature not in model.curvatures:
-            raise InvalidInput(
-                f"curvature {curvature.value!r} cannot be fitted on model {model.id!r}",
-                code="unsupported_curvature",
-                detail={"curvature": curvature.value, "supported": [c.value for c in model.curvatures]},
-            )
+        require_curvature(model, curvature)
         strength = inherited.get("strength", request.strength)
         if strength is None:
             strength = cv.ContinualConfig.strength

@@ -16,7 +16,6 @@ fitted and served, and the training curve as ``curve.json`` and ``curve.png``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -37,7 +36,8 @@ from app.domain.kinds.base import JobKind, JobParams, JobResult, JobRun
 from app.domain.kinds.fit import load_network
 from app.domain.metrics import get_metrics
 from app.domain.modelio.export import export_onnx
-from app.domain.models import ModelMetadata, register_model
+from app.domain.models import ModelMetadata, register_model, require_curvature
+from app.domain.plots import png_bytes, subplots
 from app.domain.statepack import pack_state, unpack_state
 from curvature.options import (
     FIRST_ORDER_METHODS,
@@ -186,15 +186,10 @@ def _int_keys(state: dict[str, Any]) -> dict[str, Any]:
 
 def curve_png(curve: list[dict[str, Any]], title: str) -> bytes:
     """Loss against steps and against seconds (thesis Fig. 4.1 style), as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     steps = [c["step"] for c in curve]
     loss = [c["loss"] for c in curve]
     seconds = [c["seconds"] for c in curve]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    fig, (left, right) = subplots(1, 2, figsize=(9, 3.4))
     for ax, xs, label in ((left, steps, "step"), (right, seconds, "seconds")):
         ax.plot(xs, loss, lw=1.2)
         ax.set_xlabel(label)
@@ -203,10 +198,7 @@ def curve_png(curve: list[dict[str, Any]], title: str) -> bytes:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 class OptimiseKind(JobKind[OptimiseRequest, OptimiseParams]):
@@ -229,13 +221,7 @@ class OptimiseKind(JobKind[OptimiseRequest, OptimiseParams]):
         optimizer: dict[str, Any] = {}
         if request.method not in FIRST_ORDER_METHODS:
             curvature = Curvature(request.method.value)
-            if model.curvatures is not None and curvature not in model.curvatures:
-                raise InvalidInput(
-                    f"method {curvature.value!r} cannot train model {model.id!r}"
-                    + (": KFRA needs a chain of Linear layers" if curvature == Curvature.kfra else ""),
-                    code="unsupported_curvature",
-                    detail={"method": curvature.value, "supported": [c.value for c in model.curvatures]},
-                )
+            require_curvature(model, curvature)
             optimizer = {
                 "curvature": curvature.value,
                 "damping": request.damping.value,
