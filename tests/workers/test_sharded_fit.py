@@ -22,7 +22,14 @@ from app.api.main import create_app
 from app.domain.backend import Backend
 from app.domain.jobs import FINAL, JobStatus
 from app.domain.kinds import FIT, execute
-from app.domain.kinds.fit import SHARD_RECORDS, FitParams, load_network, shard_bounds
+from app.domain.kinds.fit import (
+    SHARD_RECORDS,
+    FitParams,
+    decode_factors,
+    encode_factors,
+    load_network,
+    shard_bounds,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -233,3 +240,25 @@ def test_sharded_regression_fit_estimates_its_noise_once(
     sharded, reference = _posterior(backend, fit_id, "tenant-a"), _single_message_fit(settings, fit_id, "tenant-a")
     assert sharded.likelihood.sigma == reference.likelihood.sigma
     _assert_same_posterior(sharded, reference, torch.linspace(-1, 1, 50).reshape(-1, 1))
+
+
+def test_shards_cover_the_data_and_factor_blobs_round_trip() -> None:
+    assert shard_bounds(10, 20) == [(0, 10)]
+    bounds = shard_bounds(10_001, 2_500)
+    assert len(bounds) == 5 and bounds[0][0] == 0 and bounds[-1][1] == 10_001
+    assert all(a == b for (_, a), (b, _) in zip(bounds, bounds[1:], strict=False))
+    assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    for factors in (
+        cv.fit_kronecker(net, (x, y), cv.CrossEntropy(), method="kflr"),
+        cv.fit_diagonal(net, (x, y), cv.CrossEntropy()),
+    ):
+        back = decode_factors(encode_factors(factors), torch.device("cpu"))
+        assert type(back) is type(factors) and back.n_data == 30 and back.method == factors.method
+        assert list(back) == list(factors)
+        for name in factors:
+            got, want = back[name], factors[name]
+            pairs = [(got.A, want.A), (got.G, want.G)] if isinstance(factors, cv.KroneckerFactors) else [(got, want)]
+            assert all(torch.equal(g, w) for g, w in pairs)
