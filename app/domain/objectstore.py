@@ -29,7 +29,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.domain.store import _SHA, KINDS, STORE_ID_FILE, ArtifactStore, sha256_hex, valid_id
+from app.domain.store import _SHA, KINDS, STORE_ID_FILE, referenced_blobs, sha256_hex, valid_id
 
 _MISSING = ("404", "NoSuchKey", "NotFound")
 _READ_AHEAD = 16  # concurrent GETs when listing records (boto3 clients are thread-safe)
@@ -185,7 +185,9 @@ class S3ArtifactStore:
 
     # -- maintenance -------------------------------------------------------------------------------------
 
-    referenced_blobs = ArtifactStore.referenced_blobs  # the same scan of records as on disk
+    def referenced_blobs(self) -> set[str]:
+        """Hashes named by any record (the same scan as on disk, :func:`app.domain.store.referenced_blobs`)."""
+        return referenced_blobs(self)
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> int:
         """Deletes blobs no record refers to, last written more than ``min_age_s`` ago (a blob written just

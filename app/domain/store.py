@@ -46,6 +46,21 @@ def valid_id(value: str) -> bool:
     return bool(_ID.match(value))
 
 
+def referenced_blobs(store: Store) -> set[str]:
+    """Hashes named by any record of ``store`` (fields ``sha256``, ``posterior_sha256`` and the values of
+    ``blobs``): the blobs garbage collection keeps, on every backend."""
+    refs: set[str] = set()
+    for kind in KINDS:
+        for record in store.records(kind):
+            for field in ("sha256", "posterior_sha256"):
+                if isinstance(record.get(field), str):
+                    refs.add(record[field])
+            blobs = record.get("blobs")
+            if isinstance(blobs, dict):
+                refs.update(sha for sha in blobs.values() if isinstance(sha, str))
+    return refs
+
+
 class Store(Protocol):
     """What every artifact store offers (the directory store here, object storage in :mod:`app.domain.objectstore`).
 
@@ -176,17 +191,8 @@ class ArtifactStore:
     # -- maintenance -------------------------------------------------------------------------------------
 
     def referenced_blobs(self) -> set[str]:
-        """Hashes named by any record (fields ``sha256``, ``posterior_sha256`` and the values of ``blobs``)."""
-        refs: set[str] = set()
-        for kind in KINDS:
-            for record in self.records(kind):
-                for field in ("sha256", "posterior_sha256"):
-                    if isinstance(record.get(field), str):
-                        refs.add(record[field])
-                blobs = record.get("blobs")
-                if isinstance(blobs, dict):
-                    refs.update(sha for sha in blobs.values() if isinstance(sha, str))
-        return refs
+        """Hashes named by any record (see :func:`referenced_blobs`)."""
+        return referenced_blobs(self)
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> int:
         """Deletes blobs no record refers to, older than ``min_age_s`` (a blob written just before its
