@@ -46,6 +46,11 @@ class LaplaceConfig:
       candidate whose mean confidence is closest to its accuracy" lowers the MLP's test ECE (0.037 → 0.028, 256
       tuning points), but on the CNN, already underconfident on validation, it picks a posterior with no
       variance left (mutual information ≈ 0, OOD AUROC ≈ 0.5), so it is off by default.
+    * ``broad_tolerance=0.005``: among the candidates within 0.5 % of the best validation NLL (and keeping the
+      accuracy floor), the broadest (largest mean logit variance), the rule the null-space prior already
+      follows. Validation NLL alone can pick a posterior no wider than the network: a 784-64-10 MLP fitted on
+      1,000 digits tuned to ``N_eff = 1e-8 N``, ``τ = 3e14`` (letters AUROC 0.68 with mutual information);
+      with the rule, AUROC 0.96 at a test NLL 0.5 % above the network's. ``None`` keeps the NLL optimum.
     """
 
     curvature: Curvature = DEFAULT_CURVATURE
@@ -66,6 +71,7 @@ class LaplaceConfig:
     tune_null_prior: bool = True
     tune_points: int | None = 2048
     calibration_tolerance: float | None = None
+    broad_tolerance: float | None = 0.005
     sigma: float | None = None
 
     def __post_init__(self) -> None:
@@ -269,6 +275,7 @@ def fit_laplace(
                 summary_samples=cfg.samples,
                 min_accuracy=min_accuracy,
                 calibration_tolerance=cfg.calibration_tolerance if cfg.likelihood == "classification" else None,
+                broad_tolerance=cfg.broad_tolerance,
                 rows=rows,
                 progress=tune_progress,
             )

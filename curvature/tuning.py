@@ -266,6 +266,7 @@ def tune_linearised(
     summary_samples: int | None = None,
     min_accuracy: float | None = None,
     calibration_tolerance: float | None = None,
+    broad_tolerance: float | None = None,
     rows: Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> TuningResult:
@@ -294,6 +295,11 @@ def tune_linearised(
             NLL is within this relative tolerance of the best, the one whose mean top-class probability is
             closest to its accuracy (a one-bin calibration error): the NLL optimum tends to be underconfident
             on average, since NLL punishes confident errors far more than diffident hits.
+        broad_tolerance: if given, the choice of step 2 is, among the candidates whose NLL is within this
+            relative tolerance of the best (and that keep the accuracy floor), the broadest: the one with the
+            largest mean logit variance on the tuning rows. Validation NLL alone often prefers a posterior
+            barely wider than the network itself (the data it can see say little about the rest); the
+            broadest posterior that fits them as well gives the uncertainty where the data say nothing.
         rows: indices of the validation inputs the candidates are scored on (default: all). The returned
             ``summary`` covers every input, e.g. to calibrate OOD thresholds on all of them.
     """
@@ -321,6 +327,7 @@ def tune_linearised(
     links = (link,) if isinstance(link, str) else tuple(link)
     best_link: dict[tuple, str] = {}
     gaps: dict[tuple, float] = {}
+    spreads: dict[tuple, float] = {}
 
     def nll(log_ratio: float, log_tau: float, log_null: float | None = None) -> float:
         key = (round(log_ratio, 9), round(log_tau, 9), None if log_null is None else round(log_null, 9))
@@ -329,6 +336,8 @@ def tune_linearised(
         prior = prior_of(log_tau, log_null)
         cov = glm_covariance(post, feats, n_eff=n_data * 10.0**log_ratio, prior=prior)
         entry: dict = {"log10_n_ratio": log_ratio, "log10_prior": log_tau}
+        if log_null is None:
+            spreads[key] = float(cov.diagonal(dim1=-2, dim2=-1).sum(-1).double().mean())
         if log_null is not None:
             entry["log10_null_prior"] = log_null
         value, chosen = math.inf, links[0]
@@ -414,6 +423,14 @@ def tune_linearised(
             (gaps[k], v, k)
             for k, v in scores.items()
             if k[2] is None and k in gaps and v <= value * (1 + calibration_tolerance)
+        ]
+        if near:
+            _, value, (r_best, t_best, _) = min(near)
+    elif broad_tolerance is not None:
+        near = [
+            (-spreads[k], v, k)
+            for k, v in scores.items()
+            if k[2] is None and k in spreads and math.isfinite(v) and v <= value * (1 + broad_tolerance)
         ]
         if near:
             _, value, (r_best, t_best, _) = min(near)

@@ -11,7 +11,7 @@ from curvature.options import Predictive
 
 
 def threshold_table(posterior: cv.LaplacePosterior) -> dict[str, dict[str, float]]:
-    """OOD thresholds by predictive, then by score (predictives without any threshold left out)."""
+    """OOD thresholds by predictive, then by score: the predictives the fit calibrated (its own always)."""
     return {
         str(p): {str(s): float(v) for s, v in t.items()}
         for p, t in posterior.ood_table.items()
@@ -29,8 +29,15 @@ def save_fit(backend: Backend, posterior: cv.LaplacePosterior, **record: Any) ->
         record: The :class:`FitRecord` fields other than the posterior's (``id``, ``tenant``, ``model_id``,
             ``dataset_id``, ``config``, ``ood_score``, ...).
     """
-    blob = posterior.to_bytes()
     summary = posterior.summary()
+    # Phase timings differ between two runs of the same fit; they go on the record, not into the
+    # content-addressed bytes, so a redelivered fit stores the same blob.
+    timings = posterior.metadata.pop("timings", None)
+    try:
+        blob = posterior.to_bytes()
+    finally:
+        if timings is not None:
+            posterior.metadata["timings"] = timings
     fit = FitRecord(
         posterior_sha256=backend.store.put_blob(blob),
         size_bytes=len(blob),
