@@ -21,7 +21,16 @@ from typing import Any
 from app.client import ApiError, Client
 from app.domain.jobs import JobRecord
 from app.domain.settings import InsecureSettingsError, Settings, get_settings
-from curvature.options import Curvature, Damping, OodScore, Predictive, Tuning
+from curvature.options import (
+    ContinualMethod,
+    Curvature,
+    Damping,
+    LikelihoodName,
+    OodScore,
+    Predictive,
+    TrainingMethod,
+    Tuning,
+)
 
 logger = logging.getLogger("kronlap")
 
@@ -233,12 +242,18 @@ def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
-    for pair in args.option or []:
+    options.update(_pairs(args.option))
+    return options
+
+
+def _pairs(pairs: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--option takes key=value, got {pair!r}")
-        options[key] = _option_value(value)
-    return options
+        out.append((key, _option_value(value)))
+    return out
 
 
 def _run_client_command(args: argparse.Namespace) -> int:
@@ -284,6 +299,31 @@ def _run_client_command(args: argparse.Namespace) -> int:
         job = follow(client, submitted["job"]["id"])
         _print_json({"fit_id": submitted["fit_id"], "job": job})
         return 0 if job["status"] == "succeeded" else 1
+    if command in ("optimise", "online"):
+        options = dict(_pairs(args.option))
+        if command == "optimise":
+            for name in ("method", "likelihood", "steps", "epochs", "batch_size", "lr", "seed"):
+                options.setdefault(name, getattr(args, name))
+            submitted = client.optimise(args.model, args.dataset, **options)
+        else:
+            for name in ("model", "continue_from", "method", "curvature", "strength", "epochs", "seed"):
+                options.setdefault(name, getattr(args, name))
+            submitted = client.online_laplace(args.datasets, **options)
+        if not args.wait:
+            _print_json(submitted)
+            return 0
+        job = follow(client, submitted["job"]["id"])
+        _print_json(job)
+        return 0 if job["status"] == "succeeded" else 1
+    if command == "artifact":
+        if args.name is None:
+            _print_json(client.artifacts(args.job))
+            return 0
+        data = client.artifact(args.job, args.name)
+        target = Path(args.output or args.name)
+        target.write_bytes(data)
+        print(f"{len(data)} bytes written to {target}")
+        return 0
     if command == "fits":
         _print_json(client.fits(args.id) if args.action == "list" else client.get_fit(args.id))
         return 0
@@ -372,6 +412,37 @@ def _parser() -> argparse.ArgumentParser:
     p_fit.add_argument("--seed", type=int)
     p_fit.add_argument("--option", action="append", metavar="KEY=VALUE", help="any other fit option (JSON value)")
     p_fit.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+
+    p_opt = sub.add_parser("optimise", parents=[remote], help="train a model with the second-order optimiser")
+    p_opt.add_argument("model")
+    p_opt.add_argument("dataset")
+    p_opt.add_argument("--method", choices=[m.value for m in TrainingMethod])
+    p_opt.add_argument("--likelihood", choices=[n.value for n in LikelihoodName])
+    p_opt.add_argument("--steps", type=int)
+    p_opt.add_argument("--epochs", type=int)
+    p_opt.add_argument("--batch-size", type=int)
+    p_opt.add_argument("--lr", type=float, help="adam / sgd only")
+    p_opt.add_argument("--seed", type=int)
+    p_opt.add_argument("--option", action="append", metavar="KEY=VALUE", help="any other option (JSON value)")
+    p_opt.add_argument("--wait", action="store_true", help="follow the job (loss beside the progress bar)")
+
+    p_onl = sub.add_parser("online", parents=[remote], help="learn tasks in order with online Laplace")
+    p_onl.add_argument("datasets", nargs="+", help="one dataset id per task, in order (each with x_val, y_val)")
+    start = p_onl.add_mutually_exclusive_group(required=True)
+    start.add_argument("--model", help="uploaded classifier to start from")
+    start.add_argument("--continue-from", help="a finished online job whose state to continue")
+    p_onl.add_argument("--method", choices=[m.value for m in ContinualMethod])
+    p_onl.add_argument("--curvature", choices=[c.value for c in Curvature])
+    p_onl.add_argument("--strength", type=_option_value, help='a number, or "validation"')
+    p_onl.add_argument("--epochs", type=int)
+    p_onl.add_argument("--seed", type=int)
+    p_onl.add_argument("--option", action="append", metavar="KEY=VALUE", help="any other option (JSON value)")
+    p_onl.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+
+    p_art = sub.add_parser("artifact", parents=[remote], help="list a job's files, or download one")
+    p_art.add_argument("job")
+    p_art.add_argument("name", nargs="?", help="e.g. curve.png, accuracy.json (omit to list)")
+    p_art.add_argument("--output", "-o", help="where to write it (default: its name)")
 
     p_fits = sub.add_parser("fits", help="list a model's fits or show one fit")
     fits = p_fits.add_subparsers(dest="action", required=True)

@@ -87,8 +87,10 @@ class Client:
         content_type: str | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        raw_body: bool = False,
     ) -> Any:
-        """Sends one request; returns the decoded JSON answer (``None`` for an empty one).
+        """Sends one request; returns the decoded JSON answer (``None`` for an empty one), or with ``raw_body``
+        the answer's bytes.
 
         Raises:
             ApiError: An error status, or the service is unreachable.
@@ -103,15 +105,17 @@ class Client:
         req = urllib.request.Request(url, data=body, method=method, headers=sent)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
-                raw = response.read()
+                data = response.read()
                 ctype = response.headers.get("Content-Type", "")
         except urllib.error.HTTPError as exc:
             raise _api_error(exc) from None
         except urllib.error.URLError as exc:
             raise ApiError(0, "unreachable", f"cannot reach {self.url}: {exc.reason}") from None
-        if not raw:
+        if raw_body:
+            return data
+        if not data:
             return None
-        return json.loads(raw) if ctype.startswith("application/json") else raw.decode(errors="replace")
+        return json.loads(data) if ctype.startswith("application/json") else data.decode(errors="replace")
 
     def get(self, path: str, **params: Any) -> Any:
         """``GET path`` with query parameters."""
@@ -214,6 +218,25 @@ class Client:
         """Queues a Laplace fit (options as in ``POST /v1/models/{id}/fits``); returns ``fit_id`` and ``job``."""
         body = {"dataset": dataset, **{k: v for k, v in options.items() if v is not None}}
         return self.submit(f"/v1/models/{_seg(model_id)}/fits", body)
+
+    def optimise(self, model_id: str, dataset: str, **options: Any) -> dict[str, Any]:
+        """Queues an optimiser run (options as in ``POST /v1/jobs/optimise``: method, steps, lr, ...)."""
+        body = {"model": model_id, "dataset": dataset, **{k: v for k, v in options.items() if v is not None}}
+        return self.submit("/v1/jobs/optimise", body)
+
+    def online_laplace(self, datasets: list[str], **options: Any) -> dict[str, Any]:
+        """Queues continual learning over ``datasets`` in order (``model=`` or ``continue_from=`` and the options
+        of ``POST /v1/jobs/online-laplace``)."""
+        body = {"datasets": list(datasets), **{k: v for k, v in options.items() if v is not None}}
+        return self.submit("/v1/jobs/online-laplace", body)
+
+    def artifacts(self, job_id: str) -> list[str]:
+        """Names of the files a job published."""
+        return self.get(f"/v1/jobs/{_seg(job_id)}/artifacts")
+
+    def artifact(self, job_id: str, name: str) -> bytes:
+        """One published file of a job (``curve.json``, ``curve.png``, ``accuracy.json`` ...), as bytes."""
+        return self.request("GET", f"/v1/jobs/{_seg(job_id)}/artifacts/{_seg(name)}", raw_body=True)
 
     def fits(self, model_id: str) -> list[dict[str, Any]]:
         """Ready fits of a model, newest first."""

@@ -134,3 +134,44 @@ def test_the_python_client(running: Running, trained_models) -> None:
 def test_details_beside_the_progress_bar() -> None:
     assert _details_text({"step": 3, "loss": 0.123456, "curve": [1, 2]}) == "step=3 loss=0.1235"
     assert _details_text(None) == ""
+
+
+def test_training_jobs_through_the_cli_and_the_client(capsys, running: Running, trained_models) -> None:
+    m = trained_models
+    client = Client(running.url, running.key)
+    model = client.upload_model(m.mlp_onnx, filename="mlp.onnx")
+    tasks = []
+    for t in range(2):
+        buf = io.BytesIO()
+        rows = slice(300 * t, 300 * (t + 1))
+        np.savez(
+            buf,
+            x=m.x_train[rows].numpy(),
+            y=m.y_train[rows].numpy(),
+            x_val=m.x_val[:60].numpy(),
+            y_val=m.y_val[:60].numpy(),
+        )
+        tasks.append(client.upload_dataset(buf.getvalue())["id"])
+
+    args = ("optimise", model["id"], tasks[0], "--method", "kfac", "--steps", "12", "--batch-size", "100")
+    code, out, err = _cli(capsys, running, *args, "--option", "checkpoint_every=5", "--wait")
+    assert code == 0, (out, err)
+    job = _json(out)
+    assert job["status"] == "succeeded"
+    assert job["result"]["steps"] == 12 and job["details"]["step"] == 12
+    code, out, _ = _cli(capsys, running, "artifact", job["id"])
+    assert code == 0 and _json(out) == ["curve.json", "curve.png"]
+    target = running.tmp / "curve.png"
+    code = main(["artifact", job["id"], "curve.png", "-o", str(target), "--url", running.url, "--api-key", running.key])
+    assert code == 0 and "written" in capsys.readouterr().out and target.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(client.artifact(job["id"], "curve.json"))["curve"][-1]["step"] == 12
+
+    remote = ("--url", running.url, "--api-key", running.key)
+    args = ("online", *tasks, *remote, "--model", model["id"], "--method", "online", "--strength", "10")
+    code = main([*args, "--epochs", "2", "--wait"])
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)
+    learned = _json(out)
+    assert learned["status"] == "succeeded" and [len(row) for row in learned["result"]["accuracy"]] == [1, 2]
+    code, _, err = _cli(capsys, running, "online", tasks[1], "--continue-from", learned["id"], "--method", "ewc")
+    assert code == 1 and "inconsistent_continuation" in err
