@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: the benchmark network, timing helpers and report writing.
 
-The benchmark network is the 784-1024-1024-10 ReLU MLP of DESIGN.md §6, trained with Adam on the 4,000
+The benchmark network is the 784-1024-1024-10 ReLU MLP of the README's benchmark table, trained with Adam on the 4,000
 MNIST-5k training digits. Training takes a few seconds, and every benchmark must see the same weights, so the
 trained parameters are cached as safetensors under ``bench/cache/`` keyed by architecture, seed and recipe.
 """

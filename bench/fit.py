@@ -1,4 +1,4 @@
-"""Kronecker-factor fit time of the benchmark MLP, in units of one training epoch (DESIGN.md §6, row 1).
+"""Kronecker-factor fit time of the benchmark MLP, in units of one training epoch (the README's benchmark table, first row).
 
 Usage: ``python -m bench.fit [--device cuda] [--repeat 3] [--batch-size 512]``
 

@@ -200,7 +200,7 @@ def run_bench(bench: str, tasks, rows: list[str], args) -> dict:
 
 
 def bar(results: dict) -> dict:
-    """The acceptance criteria of the online-Laplace figure (DESIGN §6)."""
+    """The acceptance criteria of the online-Laplace figure (the README's benchmark table)."""
     checks = {}
     p = results.get("permuted", {})
     if {"online_kf", "online_diag", "si", "joint"} <= set(p):

@@ -1,4 +1,4 @@
-"""Predictive cost on the benchmark MLP: MC and linearised (GLM) predictives against MAP forwards (DESIGN.md §6).
+"""Predictive cost on the benchmark MLP: MC and linearised (GLM) predictives against MAP forwards (the README's benchmark table).
 
 Usage: ``python -m bench.predict [--device cuda] [--samples 100] [--rival-glm-inputs 20]``
 

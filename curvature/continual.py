@@ -12,7 +12,7 @@ the multiplier ``λ`` of eq. 5.25 on the new term only):
 
 ``C`` is the per-point Gauss-Newton approximation, block-diagonal over layers: ``G ⊗ A`` (KFAC, KFLR, KFRA, rp;
 fitted by :func:`curvature.fit_kronecker`) or a diagonal (:func:`curvature.fit_diagonal`); ``N C`` is then the
-curvature of the task's summed loss (DESIGN §3). The variants (:class:`~curvature.options.ContinualMethod`):
+curvature of the task's summed loss (docs/design.md §3). The variants (:class:`~curvature.options.ContinualMethod`):
 
 * ``online``: ``Λ_t = τ I + λ Σ_{i≤t} N_i C_i(μ_i)``, centred at the latest optimum. Sums of Kronecker products do
   not factorise, so one ``(G_i, A_i)`` pair per task is kept (memory grows with the tasks). Diagonals do add up,
@@ -39,7 +39,7 @@ All methods keep the prior ``½ τ ‖θ − centre‖²`` (the recursion's ``Λ
 task of ``N`` examples, ``(1/|B|) Σ_{n∈B} −log p(y_n|x_n, θ) + penalty(θ) / N`` (+ the SI term), whose full-data
 minimiser is that of eq. 5.21.
 
-Penalties never form a Kronecker block. With ``Ŵ = [W b]`` flattened row-major (DESIGN §3) and ``Δ = Ŵ − μ``,
+Penalties never form a Kronecker block. With ``Ŵ = [W b]`` flattened row-major (docs/design.md §3) and ``Δ = Ŵ − μ``,
 
     ``vec(Δ)ᵀ (G ⊗ A) vec(Δ) = tr(Δᵀ G Δ A) = Σ_{oi} Δ ⊙ (G Δ A)``,   gradient ``(G ⊗ A) vec(Δ) = vec(G Δ A)``
 
@@ -107,7 +107,7 @@ def _kron_apply(delta: Tensor, G: Tensor, A: Tensor) -> Tensor:
 def kron_quadratic(delta: Tensor, G: Tensor, A: Tensor) -> Tensor:
     """``½ Σ_t vec(Δ_t)ᵀ (G_t ⊗ A_t) vec(Δ_t) = ½ Σ_t tr(Δ_tᵀ G_t Δ_t A_t)`` without forming ``G_t ⊗ A_t``.
 
-    Row-major ``vec`` (DESIGN §3); the thesis's column-stacked form is ``vec(Δ)ᵀ (A ⊗ G) vec(Δ)``, the same number.
+    Row-major ``vec`` (docs/design.md §3); the thesis's column-stacked form is ``vec(Δ)ᵀ (A ⊗ G) vec(Δ)``, the same number.
     The gradient w.r.t. ``Δ`` is ``Σ_t G_t Δ_t A_t``; it is computed once, in the forward pass, so value and
     gradient cost two matrix products per term. Double backward works; ``G`` and ``A`` get no gradient.
 

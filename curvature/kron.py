@@ -1,6 +1,6 @@
 """Kronecker linear algebra: every identity the core uses, in one place.
 
-A layer's precision is ``P = n·(G ⊗ A) + τ I`` acting on ``Ŵ`` flattened row-major (DESIGN §3). With
+A layer's precision is ``P = n·(G ⊗ A) + τ I`` acting on ``Ŵ`` flattened row-major (docs/design.md §3). With
 ``G = U_G diag(s_G) U_Gᵀ`` and ``A = U_A diag(s_A) U_Aᵀ``:
 
 * ``(G ⊗ A) vec(V) = vec(G V A)``;

@@ -4,7 +4,7 @@ Per layer the precision is ``P_l = n_eff · C_l + τ_l I`` where ``C_l`` is the 
 ``G ⊗ A`` for the Kronecker approximations or a diagonal. Every layer is stored in a common eigenbasis form
 ``P_l = (U_G ⊗ U_A) diag(vec Λ_l) (U_G ⊗ U_A)ᵀ`` with an (out, in+1) eigenvalue matrix ``Λ_l``:
 
-* exact damping: ``Λ = n s_G s_Aᵀ + τ`` (DESIGN §3);
+* exact damping: ``Λ = n s_G s_Aᵀ + τ`` (docs/design.md §3);
 * factored damping, eq. 5.14: ``P ≈ (√n G + ω√τ I) ⊗ (√n A + ω⁻¹√τ I)``, same eigenvectors,
   ``Λ = (√n s_G + ω√τ)(√n s_A + √τ/ω)ᵀ``;
 * diagonal (eq. 5.11): ``U_G = U_A = I`` and ``Λ = n D + τ``.
