@@ -43,6 +43,7 @@ from app.domain.fits import save_fit
 from app.domain.jobs import JobCancelled, JobStatus, PermanentJobError
 from app.domain.kinds.base import JobKind, JobParams, JobResult, JobRun, Stage
 from app.domain.modelio import ModelImportError, load_model
+from app.domain.models import require_curvature
 from curvature.options import (
     DEFAULT_CURVATURE,
     MAX_SEED,
@@ -58,7 +59,6 @@ from curvature.posterior import estimate_sigma
 
 logger = logging.getLogger(__name__)
 
-_UNSUPPORTED_WHY = {Curvature.kfra: "KFRA needs a chain of Linear layers with element-wise activations"}
 _LIBRARY = cv.LaplaceConfig()
 
 
@@ -143,13 +143,7 @@ class FitKind(JobKind[FitRequest, FitParams]):
         if request.validation:
             validation = catalog.get_dataset(request.validation, tenant)
             check_compatible(model, validation, "validation dataset")
-        if model.curvatures is not None and request.curvature not in model.curvatures:
-            raise InvalidInput(
-                f"curvature {request.curvature.value!r} cannot be fitted on model {model.id!r}: "
-                + _UNSUPPORTED_WHY.get(request.curvature, "not supported for its layers"),
-                code="unsupported_curvature",
-                detail={"curvature": request.curvature.value, "supported": [c.value for c in model.curvatures]},
-            )
+        require_curvature(model, request.curvature)
         has_validation = validation is not None or data.n_val > 0
         tuning = request.tuning or (Tuning.validation if has_validation else Tuning.marglik)
         if tuning == Tuning.validation and not has_validation:
