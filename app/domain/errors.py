@@ -79,12 +79,6 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
-class NotImplementedYet(ServiceError):
-    """Endpoint declared in the service surface but not available in this version."""
-
-    status = 501
-    code = "not_implemented"
-
 
 class ServiceUnavailable(ServiceError):
     """A dependency (Redis, the store) is unreachable; the client should retry after ``retry_after_s``."""

@@ -25,6 +25,7 @@ from app.api.main import create_app
 from app.domain.backend import Backend
 from app.domain.kinds import FIT, execute
 from tests.conftest import flush_namespace
+from tests.jobhelpers import npz_bytes
 
 TOKEN = "scrape-token-" + "s" * 24
 TOO_BIG_SEED = 2**64  # 18446744073709551616
@@ -40,10 +41,6 @@ class Svc:
     fit_id: str
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -91,7 +88,7 @@ def svc(tmp_path_factory, make_settings, redis_url, redis_namespace, run_server,
         model = client.post("/v1/models", files={"file": ("mlp.onnx", m.mlp_onnx)}, headers=h)
         assert model.status_code == 201, model.text
         data = {"x": m.x_train[:1000].numpy(), "y": m.y_train[:1000].numpy()}
-        dataset = client.post("/v1/datasets", files={"file": ("d.npz", _npz(**data))}, headers=h)
+        dataset = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(**data))}, headers=h)
         assert dataset.status_code == 201, dataset.text
         body = {"dataset": dataset.json()["id"], "curvature": "kfac", "tuning": "none", "samples": 10}
         submitted = client.post(f"/v1/models/{model.json()['id']}/fits", json=body, headers=h)
@@ -249,7 +246,7 @@ def test_redis_outage_answers_503_with_retry_after(
             onnx = exporters["onnx"](net, torch.zeros(1, 784))
             model = client.post("/v1/models", files={"file": ("m.onnx", onnx)}, headers=h)
             assert model.status_code == 201, model.text
-            ds = client.post("/v1/datasets", files={"file": ("d.npz", _npz(x=x, y=np.arange(10)))}, headers=h)
+            ds = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=x, y=np.arange(10)))}, headers=h)
             model_id, dataset_id = model.json()["id"], ds.json()["id"]
             fit = client.post(f"/v1/models/{model_id}/fits", json={"dataset": dataset_id, "tuning": "none"}, headers=h)
             assert fit.status_code == 202, fit.text

@@ -23,6 +23,7 @@ from app.api.main import create_app
 from app.domain.kinds import QUEUES
 from app.domain.queue import dramatiq_namespace
 from tests.conftest import flush_namespace
+from tests.jobhelpers import npz_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +41,6 @@ class Service:
     fits: dict[str, dict] = field(default_factory=dict)
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -117,12 +114,12 @@ def _fit(
     r = service.client.post("/v1/models", files={"file": model_file}, data=meta, headers=h)
     assert r.status_code == 201, r.text
     model = r.json()
-    r = service.client.post("/v1/datasets", files={"file": ("train.npz", _npz(**data))}, headers=h)
+    r = service.client.post("/v1/datasets", files={"file": ("train.npz", npz_bytes(**data))}, headers=h)
     assert r.status_code == 201, r.text
     dataset = r.json()
     body = {"dataset": dataset["id"], **fit}
     if validation is not None:
-        r = service.client.post("/v1/datasets", files={"file": ("val.npz", _npz(**validation))}, headers=h)
+        r = service.client.post("/v1/datasets", files={"file": ("val.npz", npz_bytes(**validation))}, headers=h)
         assert r.status_code == 201, r.text
         body["validation"] = r.json()["id"]
     r = service.client.post(f"/v1/models/{model['id']}/fits", json=body, headers=h)
@@ -344,7 +341,7 @@ def test_cancelling_a_fit(service: Service, mlp_fit: dict, trained_models) -> No
     h = service.headers
     m = trained_models
     ds = service.client.post(
-        "/v1/datasets", files={"file": ("d.npz", _npz(x=m.x_train[:300].numpy(), y=m.y_train[:300].numpy()))}, headers=h
+        "/v1/datasets", files={"file": ("d.npz", npz_bytes(x=m.x_train[:300].numpy(), y=m.y_train[:300].numpy()))}, headers=h
     ).json()["id"]
     r = service.client.post(f"/v1/models/{mlp_fit['model']['id']}/fits", json={"dataset": ds, "samples": 5}, headers=h)
     job_id, fit_id = r.json()["job"]["id"], r.json()["fit_id"]
@@ -391,7 +388,7 @@ def test_regression_model_end_to_end(service: Service, exporters) -> None:
         parts = np.ravel(row["aleatoric_variance"])[0] + np.ravel(row["epistemic_variance"])[0]
         assert total == pytest.approx(parts, rel=1e-4)
     labels = service.client.post(
-        "/v1/datasets", files={"file": ("l.npz", _npz(x=x.numpy(), y=np.arange(40)))}, headers=service.headers
+        "/v1/datasets", files={"file": ("l.npz", npz_bytes(x=x.numpy(), y=np.arange(40)))}, headers=service.headers
     ).json()["id"]
     r = service.client.post(
         f"/v1/models/{fitted['model']['id']}/fits", json={"dataset": labels}, headers=service.headers

@@ -7,13 +7,11 @@ the single-message fit of the same request, run in this process by the same job 
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
@@ -31,6 +29,7 @@ from app.domain.kinds.fit import (
     shard_bounds,
 )
 from tests.conftest import free_port
+from tests.jobhelpers import npz_bytes, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -49,20 +48,8 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
-def _wait(client: httpx.Client, headers: dict, job_id: str, until: Callable[[dict], bool], timeout_s=240) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if until(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.02)
 
 
 def _upload(client: httpx.Client, headers: dict, m) -> tuple[str, str]:
@@ -70,7 +57,7 @@ def _upload(client: httpx.Client, headers: dict, m) -> tuple[str, str]:
     assert r.status_code == 201, r.text
     data = {"x": m.x_train[:N_TRAIN].numpy(), "y": m.y_train[:N_TRAIN].numpy()}
     data |= {"x_val": m.x_val.numpy(), "y_val": m.y_val.numpy()}
-    d = client.post("/v1/datasets", files={"file": ("d.npz", _npz(**data))}, headers=headers)
+    d = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(**data))}, headers=headers)
     assert d.status_code == 201, d.text
     return r.json()["id"], d.json()["id"]
 
@@ -147,7 +134,7 @@ def test_sharded_fit_on_two_workers_equals_the_single_message_fit(
             seen.append(job["progress"])
             return job["status"] in ("succeeded", "failed", "cancelled")
 
-        done = _wait(client, h, job_id, finished)
+        done = wait_job(client, h, job_id, finished)
         assert done["status"] == "succeeded", (done, workers[0].log(), workers[1].log())
         assert done["result"]["fit"] == fit_id and done["details"] == {"shards": 4, "device": "cpu"}
         assert any(0.05 < p < 0.65 for p in seen)  # progress moved while the shards ran
@@ -182,7 +169,7 @@ def test_a_sigkilled_shard_is_redone_and_the_result_is_unchanged(
         def one_shard_stored(job: dict) -> bool:
             return any(True for _ in backend.store.records(SHARD_RECORDS)) or job["status"] in FINAL
 
-        running = _wait(client, h, job_id, one_shard_stored)
+        running = wait_job(client, h, job_id, one_shard_stored)
         first.kill()
         killed_at = time.time()
         assert running["status"] == "running", running
@@ -190,7 +177,7 @@ def test_a_sigkilled_shard_is_redone_and_the_result_is_unchanged(
         assert 1 <= len(before) < 4, before
 
         second = start_worker(settings).wait_ready()
-        done = _wait(client, h, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        done = wait_job(client, h, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
         assert done["status"] == "succeeded", (done, second.log())
 
     parts = {p["index"]: p for p in backend.catalog.get_fit(fit_id, "tenant-a").summary["shards"]["parts"]}
@@ -227,12 +214,12 @@ def test_sharded_regression_fit_estimates_its_noise_once(
         onnx = exporters["onnx"](net.eval(), torch.zeros(1, 1))
         r = client.post("/v1/models", files={"file": ("reg.onnx", onnx)}, data={"task": "regression"}, headers=h)
         assert r.status_code == 201, r.text
-        d = client.post("/v1/datasets", files={"file": ("d.npz", _npz(x=x.numpy(), y=y.numpy()))}, headers=h)
+        d = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=x.numpy(), y=y.numpy()))}, headers=h)
         assert d.status_code == 201, d.text
         body = {"dataset": d.json()["id"], "curvature": "kflr", "tuning": "marglik", "samples": 20}
         f = client.post(f"/v1/models/{r.json()['id']}/fits", json=body, headers=h)
         assert f.status_code == 202, f.text
-        done = _wait(client, h, f.json()["job"]["id"], lambda j: j["status"] in FINAL)
+        done = wait_job(client, h, f.json()["job"]["id"], lambda j: j["status"] in FINAL)
         assert done["status"] == "succeeded", done
     backend = Backend.connect(settings)
     fit_id = f.json()["fit_id"]

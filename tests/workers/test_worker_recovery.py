@@ -6,13 +6,11 @@ dead worker's message is re-delivered quickly.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ from app.domain.jobs import JobStatus, PermanentJobError
 from app.domain.kinds import FIT, execute
 from app.domain.kinds.fit import FitParams
 from app.domain.store import ArtifactStore
+from tests.jobhelpers import npz_bytes, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -35,28 +34,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _upload(client: httpx.Client, headers: dict, model: tuple[str, bytes], data: dict) -> tuple[str, str]:
     r = client.post("/v1/models", files={"file": model}, headers=headers)
     assert r.status_code == 201, r.text
-    d = client.post("/v1/datasets", files={"file": ("d.npz", _npz(**data))}, headers=headers)
+    d = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(**data))}, headers=headers)
     assert d.status_code == 201, d.text
     return r.json()["id"], d.json()["id"]
 
 
-def _wait(client: httpx.Client, headers: dict, job_id: str, until, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if until(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.02)
 
 
 def test_sigkilled_fit_completes_on_another_worker(
@@ -80,7 +67,7 @@ def test_sigkilled_fit_completes_on_another_worker(
         )
         r = client.post(f"/v1/models/{model_id}/fits", json={"dataset": dataset_id, "samples": 50}, headers=h)
         job_id, fit_id = r.json()["job"]["id"], r.json()["fit_id"]
-        running = _wait(client, h, job_id, lambda j: j["status"] != "queued" and j["progress"] >= 0.05)
+        running = wait_job(client, h, job_id, lambda j: j["status"] != "queued" and j["progress"] >= 0.05)
         assert running["status"] == "running", running
         first.kill()
         time.sleep(0.5)
@@ -88,12 +75,12 @@ def test_sigkilled_fit_completes_on_another_worker(
         assert stale["status"] == "running" and stale["attempts"] == 1
         assert client.get(f"/v1/fits/{fit_id}", headers=h).json()["status"] == "running"
         # Within the heartbeat timeout the record says its worker is gone and when the job will be retried.
-        lost = _wait(client, h, job_id, lambda j: j["worker_lost"], timeout_s=settings.heartbeat_timeout_ms / 1000)
+        lost = wait_job(client, h, job_id, lambda j: j["worker_lost"], timeout_s=settings.heartbeat_timeout_ms / 1000)
         assert lost["status"] == "running" and lost["worker"]["alive"] is False, lost
         assert "worker_lost" in lost["message"] and "will be retried" in lost["message"], lost
 
         start_worker(settings).wait_ready()
-        done = _wait(client, h, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        done = wait_job(client, h, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
         assert not done["worker_lost"]
@@ -116,7 +103,7 @@ def test_sigkilled_fit_completes_on_another_worker(
         catalog = Catalog(ArtifactStore(data_dir))
         catalog.put_model(catalog.get_model(cnn_id, None).model_copy(update={"curvatures": None}))
         r = client.post(f"/v1/models/{cnn_id}/fits", json={"dataset": images_id, "curvature": "kfra"}, headers=h)
-        failed = _wait(client, h, r.json()["job"]["id"], lambda j: j["status"] in ("succeeded", "failed"))
+        failed = wait_job(client, h, r.json()["job"]["id"], lambda j: j["status"] in ("succeeded", "failed"))
         assert failed["status"] == "failed" and failed["attempts"] == 1, failed
         assert failed["error"]["code"] == "fit_failed" and "kfra" in failed["error"]["message"].lower()
         fit = client.get(f"/v1/fits/{r.json()['fit_id']}", headers=h).json()

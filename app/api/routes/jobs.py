@@ -16,9 +16,6 @@ from app.domain.kinds.optimise import OptimiseRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_NOT_YET = {501: {"description": "Not available in this version", "model": ERROR_RESPONSES[404]["model"]}}
-
-
 def _job(services: Services, job_id: str, tenant: str) -> JobRecord:
     job = services.jobs.get(job_id)
     if job is None or job.tenant != tenant:
