@@ -42,6 +42,13 @@ class Likelihood(ABC):
         """(n, C, K) square root of the output Fisher."""
         return self.hessian_sqrt(f)
 
+    def hessian_sqrt_diagonal(self, f: Tensor, y: Tensor | None = None) -> Tensor | None:
+        """(n, C) ``s`` with ``Λ_n = diag(s_n)²`` where the output curvature is diagonal, else ``None``.
+
+        Lets estimators scale rows instead of multiplying by the dense ``diag_embed(s)``.
+        """
+        return None
+
     def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """(C, C) ``Σ_n Λ_n``, the GGN output curvature summed over the batch (KFRA's ``Ḡ_L`` before averaging)."""
         s = self.hessian_sqrt(f, y)
@@ -123,6 +130,9 @@ class Gaussian(Likelihood):
         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device) / self.sigma
         return eye.expand(f.shape[0], -1, -1)
 
+    def hessian_sqrt_diagonal(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        return torch.full_like(f, 1.0 / self.sigma)
+
     def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         return torch.eye(f.shape[-1], dtype=f.dtype, device=f.device) * (f.shape[0] / self.sigma**2)
 
@@ -144,8 +154,11 @@ class Bernoulli(Likelihood):
         return F.binary_cross_entropy_with_logits(f, y.reshape(f.shape).to(f.dtype), reduction="sum")
 
     def hessian_sqrt(self, f: Tensor, y: Tensor | None = None) -> Tensor:
+        return torch.diag_embed(self.hessian_sqrt_diagonal(f, y))
+
+    def hessian_sqrt_diagonal(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         p = torch.sigmoid(f)
-        return torch.diag_embed((p * (1 - p)).sqrt())
+        return (p * (1 - p)).sqrt()
 
     def output_curvature_sum(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         p = torch.sigmoid(f)

@@ -73,9 +73,11 @@ class OptimizerConfig:
             also rebuilt when ``ζ`` changes, since they depend on it).
         curvature_ema: ``β`` of the moving average ``F ← β F + (1−β) F_batch`` of the factors (0: none).
         curvature_batch: examples of each batch used for the curvature (``None``: the whole batch).
-        curvature_vectors: for ``kflr`` and ``diag``, which pull one vector per output dimension back through the
-            network, the curvature batch is also capped at ``curvature_vectors // C`` examples (``C`` outputs), so
-            that a wide output layer does not make every refresh cost hundreds of backward passes. ``None``: no cap.
+        curvature_vectors: for ``kflr`` and ``diag``, whose cost per example grows with the number of outputs
+            ``C`` (one vector per output dimension pulled back through the network, or on Linear chains a
+            per-example square root of ``C`` columns), the curvature batch is also capped at
+            ``curvature_vectors // C`` examples, so that a wide output layer does not make every refresh cost
+            hundreds of backward passes. ``None``: no cap.
         mc_samples: sampled targets per example for ``kfac`` and ``rp``.
         seed: seed of the sampling generator (saved in :meth:`SecondOrderOptimizer.state_dict`).
         rejection_factor: damping multiplier after a rejected (non-finite) step.

@@ -23,7 +23,7 @@ from .exact import (
     layer_matrices,
     unflatten_vector,
 )
-from .kfra import fit_kfra, kfra_chain
+from .kfra import fit_kflr_chain, fit_kfra, kfra_chain
 
 KRONECKER_METHODS = ("kfac", "kflr", "kfra", "rp")
 
@@ -40,6 +40,16 @@ def supported_curvatures(model: nn.Module) -> tuple[Curvature, ...]:
     except ValueError:
         return tuple(c for c in Curvature if c != Curvature.kfra)
     return tuple(Curvature)
+
+
+def _is_linear_chain(model: nn.Module, layers) -> bool:
+    """Whether KFLR can take the backward-free chain recursion: a KFRA chain whose wanted layers are all Linear."""
+    try:
+        _, linears = kfra_chain(model)
+    except ValueError:
+        return False
+    ids = {id(m) for m in linears}
+    return all(id(layer.module) in ids for layer in layers)
 
 
 def fit_kronecker(
@@ -75,6 +85,10 @@ def fit_kronecker(
         return fit_kfra(model, data, likelihood, batch_size=batch_size, device=device, progress=progress, layers=layers)
     if method not in KRONECKER_METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {KRONECKER_METHODS}.")
+    if method == "kflr" and _is_linear_chain(model, layers):
+        return fit_kflr_chain(
+            model, data, likelihood, batch_size=batch_size, device=device, progress=progress, layers=layers
+        )
     return fit_kronecker_backward(
         model, data, likelihood, method, mc_samples, batch_size, device, generator, progress, layers
     )
@@ -91,7 +105,9 @@ __all__ = [
     "exact_fisher",
     "exact_ggn",
     "fit_diagonal",
+    "fit_kflr_chain",
     "fit_kfra",
+    "fit_kronecker_backward",
     "fit_kronecker",
     "flatten_matrices",
     "functional_model",

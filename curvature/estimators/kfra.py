@@ -20,6 +20,7 @@ from .common import (
     LayerFactors,
     Progress,
     count_examples,
+    gram,
     iterate_batches,
     model_device_dtype,
 )
@@ -77,6 +78,97 @@ def kfra_chain(model: nn.Module) -> tuple[list[nn.Module], list[nn.Linear]]:
     return chain, linears
 
 
+def _walk(chain: list[nn.Module], x: Tensor) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+    """One forward pass through a KFRA chain.
+
+    Returns:
+        The homogeneous input ``â`` (n, in[+1]) of every Linear layer, the element-wise derivative
+        ``φ'(h_l)`` (n, d_l) between Linear ``l`` and ``l+1`` (``None`` where nothing but the identity lies between
+        them) and the network output.
+    """
+    a_hats: list[Tensor] = []
+    derivs: list[Tensor | None] = []
+    h = x
+    deriv: Tensor | None = None
+    for m in chain:
+        if isinstance(m, nn.Linear):
+            if a_hats:
+                derivs.append(deriv)
+            if h.dim() != 2:
+                raise ValueError(f"KFRA needs flat (n, features) inputs to Linear layers, got {tuple(h.shape)}.")
+            a_hats.append(torch.cat([h, torch.ones_like(h[:, :1])], 1) if m.bias is not None else h)
+            h = m(h)
+            deriv = None
+        elif isinstance(m, nn.Flatten):
+            if a_hats and h.dim() != 2:
+                raise ValueError("KFRA supports Flatten only before the first Linear layer.")
+            h = m(h)
+        elif not a_hats:
+            h = m(h)
+        else:
+            with torch.enable_grad():
+                hh = h.detach().requires_grad_(True)
+                out = m(hh.clone())  # the copy lets in-place activations run on a non-leaf
+                (d,) = torch.autograd.grad(out.sum(), hh)
+            deriv = d if deriv is None else deriv * d
+            h = out.detach()
+    return a_hats, derivs, h
+
+
+def _chain_sweep(
+    model: nn.Module,
+    data: Data,
+    batch_size: int,
+    device,
+    progress: Progress | None,
+    label: str,
+    layers: list[Layer] | None,
+    consume,
+) -> tuple[list[nn.Linear], list[Tensor], dict[int, str], list[Layer], int]:
+    """Stream the data through a KFRA chain, handing each batch's ``(linears, derivs, f, y)`` to ``consume``.
+
+    Returns the chain's Linear layers, ``Σ_n â âᵀ`` per Linear layer, the wanted layers' names by module id, the
+    layers and the number of examples.
+    """
+    chain, linears = kfra_chain(model)
+    layers = find_layers(model) if layers is None else layers
+    wanted = {id(layer.module): layer.name for layer in layers}
+    if any(id(m) not in {id(x) for x in linears} for m in (layer.module for layer in layers)):
+        raise ValueError(f"{label.upper()} on a chain supports Linear layers only.")
+    dev, dtype = model_device_dtype(model)
+    device = dev if device is None else torch.device(device)
+    a_sum: list[Tensor | None] = [None] * len(linears)
+    total = count_examples(data)
+    n_seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in iterate_batches(data, batch_size, device=device, dtype=dtype):
+                a_hats, derivs, f = _walk(chain, x)
+                for li, a_hat in enumerate(a_hats):
+                    aa = a_hat.T @ a_hat
+                    a_sum[li] = aa if a_sum[li] is None else a_sum[li] + aa
+                consume(linears, derivs, f, y)
+                n_seen += x.shape[0]
+                if progress is not None:
+                    progress(min(1.0, n_seen / total) if total else math.nan, f"{label}: {n_seen} examples")
+    finally:
+        model.train(was_training)
+    if n_seen == 0:
+        raise ValueError("No data: the data iterable yielded no batch.")
+    return linears, a_sum, wanted, layers, n_seen
+
+
+def _factors(linears, a_sum, gs, wanted, layers, n_seen: int, method: str) -> KroneckerFactors:
+    factors = {}
+    for li, m in enumerate(linears):
+        if id(m) in wanted:
+            factors[wanted[id(m)]] = LayerFactors(A=a_sum[li] / n_seen, G=gs[li])
+    ordered = {layer.name: factors[layer.name] for layer in layers}
+    return KroneckerFactors(ordered, n_data=n_seen, method=method)
+
+
 def fit_kfra(
     model: nn.Module,
     data: Data,
@@ -87,85 +179,105 @@ def fit_kfra(
     layers: list[Layer] | None = None,
 ) -> KroneckerFactors:
     """KFRA factors for every trainable Linear layer of a sequential chain."""
-    chain, linears = kfra_chain(model)
-    layers = find_layers(model) if layers is None else layers
-    wanted = {id(layer.module): layer.name for layer in layers}
-    if any(id(m) not in {id(x) for x in linears} for m in (layer.module for layer in layers)):
-        raise ValueError("KFRA supports Linear layers only.")
+    d_sum: list[Tensor | None] = []  # E[φ' φ'ᵀ] between linear l and l+1
+    lam: list[Tensor] = []
 
-    dev, dtype = model_device_dtype(model)
-    device = dev if device is None else torch.device(device)
-    n_lin = len(linears)
-    a_sum: list[Tensor | None] = [None] * n_lin
-    d_sum: list[Tensor | None] = [None] * (n_lin - 1)  # E[φ' φ'ᵀ] between linear l and l+1
-    lam_sum: Tensor | None = None
-    total = count_examples(data)
-    n_seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, y in iterate_batches(data, batch_size, device=device, dtype=dtype):
-                h = x
-                li = -1
-                deriv: Tensor | None = None
-                for m in chain:
-                    if isinstance(m, nn.Linear):
-                        if li >= 0:
-                            dd = deriv.T @ deriv if deriv is not None else None
-                            if dd is None:
-                                dd = torch.full(
-                                    (h.shape[1], h.shape[1]),
-                                    float(h.shape[0]),
-                                    dtype=h.dtype,
-                                    device=h.device,
-                                )
-                            d_sum[li] = dd if d_sum[li] is None else d_sum[li] + dd
-                        li += 1
-                        if h.dim() != 2:
-                            raise ValueError(
-                                f"KFRA needs flat (n, features) inputs to Linear layers, got {tuple(h.shape)}."
-                            )
-                        a_hat = torch.cat([h, torch.ones_like(h[:, :1])], 1) if m.bias is not None else h
-                        aa = a_hat.T @ a_hat
-                        a_sum[li] = aa if a_sum[li] is None else a_sum[li] + aa
-                        h = m(h)
-                        deriv = None
-                    elif isinstance(m, nn.Flatten):
-                        if li >= 0 and h.dim() != 2:
-                            raise ValueError("KFRA supports Flatten only before the first Linear layer.")
-                        h = m(h)
-                    else:
-                        if li < 0:
-                            h = m(h)
-                            continue
-                        with torch.enable_grad():
-                            hh = h.detach().requires_grad_(True)
-                            out = m(hh.clone())  # the copy lets in-place activations run on a non-leaf
-                            (d,) = torch.autograd.grad(out.sum(), hh)
-                        deriv = d if deriv is None else deriv * d
-                        h = out.detach()
-                f = h
-                lam = likelihood.output_curvature_sum(f, y)
-                lam_sum = lam if lam_sum is None else lam_sum + lam
-                n_seen += x.shape[0]
-                if progress is not None:
-                    progress(min(1.0, n_seen / total) if total else math.nan, f"kfra: {n_seen} examples")
-    finally:
-        model.train(was_training)
-    if n_seen == 0:
-        raise ValueError("No data: the data iterable yielded no batch.")
+    def consume(linears, derivs, f, y) -> None:
+        if not d_sum:
+            d_sum.extend([None] * len(derivs))
+        n = f.shape[0]
+        for li, deriv in enumerate(derivs):
+            if deriv is None:
+                d = linears[li].out_features
+                dd = torch.full((d, d), float(n), dtype=f.dtype, device=f.device)
+            else:
+                dd = deriv.T @ deriv
+            d_sum[li] = dd if d_sum[li] is None else d_sum[li] + dd
+        s = likelihood.output_curvature_sum(f, y)
+        lam[:] = [s if not lam else lam[0] + s]
 
-    g = lam_sum / n_seen
+    linears, a_sum, wanted, layers, n_seen = _chain_sweep(
+        model, data, batch_size, device, progress, "kfra", layers, consume
+    )
+    g = lam[0] / n_seen
     gs: list[Tensor] = [g]
-    for li in range(n_lin - 2, -1, -1):
+    for li in range(len(linears) - 2, -1, -1):
         w = linears[li + 1].weight.detach()
         g = (w.T @ g @ w) * (d_sum[li] / n_seen)
         gs.append(g)
     gs.reverse()
-    factors = {}
-    for li, m in enumerate(linears):
-        if id(m) in wanted:
-            factors[wanted[id(m)]] = LayerFactors(A=a_sum[li] / n_seen, G=gs[li])
-    ordered = {layer.name: factors[layer.name] for layer in layers}
-    return KroneckerFactors(ordered, n_data=n_seen, method="kfra")
+    return _factors(linears, a_sum, gs, wanted, layers, n_seen, "kfra")
+
+
+#: Elements of per-example state held at once by the KFLR chain recursion (rows are processed in chunks).
+_CHAIN_ELEMENTS = 1 << 24
+
+
+def fit_kflr_chain(
+    model: nn.Module,
+    data: Data,
+    likelihood: Likelihood,
+    batch_size: int = 512,
+    device=None,
+    progress: Progress | None = None,
+    layers: list[Layer] | None = None,
+) -> KroneckerFactors:
+    """Exact KFLR factors (thesis §4.3.1) of a KFRA chain by the per-example recursion, without backward passes.
+
+    ``G_{L,n} = Λ_n`` and ``G_{l,n} = D_{l,n} W_{l+1}ᵀ G_{l+1,n} W_{l+1} D_{l,n}`` with ``D = diag φ'(h_l)``;
+    ``G_l = E_n[G_{l,n}]``. This is KFRA's recursion (eq. 4.7) without averaging inside it, so the factors equal
+    the backward engine's KFLR. Each example carries a square root ``U`` (``G = U Uᵀ``) while it has fewer
+    columns than the layer has units, and the matrix ``G_{l,n}`` itself after that: the cost per example is
+    bounded by the layer widths, not by the number of outputs, and a diagonal ``Λ`` (Bernoulli, Gaussian) is a
+    row scaling.
+    """
+    g_sum: list[Tensor | None] = []
+
+    def add(li: int, g: Tensor) -> None:
+        g_sum[li] = g if g_sum[li] is None else g_sum[li] + g
+
+    def consume(linears, derivs, f, y) -> None:
+        if not g_sum:
+            g_sum.extend([None] * len(linears))
+        add(len(linears) - 1, likelihood.output_curvature_sum(f, y))
+        if len(linears) == 1:
+            return
+        diag = likelihood.hessian_sqrt_diagonal(f, y)
+        sqrt = likelihood.hessian_sqrt(f, y) if diag is None else None
+        k = f.shape[-1] if diag is not None else sqrt.shape[-1]
+        widest = max(m.out_features for m in linears)
+        chunk = max(1, _CHAIN_ELEMENTS // (widest * max(widest, k)))
+        for lo in range(0, f.shape[0], chunk):
+            hi = lo + chunk
+            u: Tensor | None = None
+            g: Tensor | None = None
+            for li in range(len(linears) - 2, -1, -1):
+                wt = linears[li + 1].weight.detach().T  # (d_l, d_{l+1})
+                if g is not None:
+                    g = wt @ g @ wt.T
+                elif u is not None:
+                    u = wt @ u
+                elif diag is not None:
+                    u = wt * diag[lo:hi, None, :]
+                else:
+                    u = wt @ sqrt[lo:hi]
+                d = derivs[li]
+                if d is not None:
+                    d = d[lo:hi]
+                    if g is not None:
+                        g = d[:, :, None] * g * d[:, None, :]
+                    else:
+                        u = d[:, :, None] * u
+                if g is None and u.shape[-1] > u.shape[-2]:
+                    g = u @ u.transpose(1, 2)
+                    u = None
+                if g is not None:
+                    add(li, g.sum(0))
+                else:
+                    add(li, gram(u.transpose(1, 2).reshape(-1, u.shape[-2])))
+
+    linears, a_sum, wanted, layers, n_seen = _chain_sweep(
+        model, data, batch_size, device, progress, "kflr", layers, consume
+    )
+    gs = [g / n_seen for g in g_sum]
+    return _factors(linears, a_sum, gs, wanted, layers, n_seen, "kflr")

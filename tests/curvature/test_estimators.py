@@ -317,6 +317,55 @@ def test_kflr_factors_equal_loop_reference(case, lik_name):
         assert_close_report(factors[name].G, G, rtol=EXACT, name=f"G {name}")
 
 
+CHAIN_CASES = [(case, lik) for case in ALL_MODELS if case.kfra for lik in ALL_LIKELIHOODS]
+
+
+def _wide_output_chain() -> nn.Sequential:
+    """Outputs wider than the layers below (each example's square root becomes a matrix on the way down), a
+    Linear-Linear boundary with no activation, and a bias-free layer."""
+    torch.manual_seed(11)
+    return nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2, bias=False), nn.Linear(2, 4), nn.Sigmoid(), nn.Linear(4, 7)
+    ).to(DTYPE)
+
+
+@pytest.mark.parametrize("case, lik_name", CHAIN_CASES, ids=[f"{c.name}-{k}" for c, k in CHAIN_CASES])
+def test_kflr_chain_recursion_equals_backward_engine_and_loops(case, lik_name, monkeypatch):
+    """The backward-free KFLR of Linear chains equals the backward engine and the loop reference, also when the
+    examples are processed a few at a time."""
+    import curvature.estimators.kfra as kfra_module
+
+    model, x, y, lik = make_problem(case, lik_name, n=7, seed=3)
+    backward = cv.estimators.fit_kronecker_backward(model, (x, y), lik, method="kflr", batch_size=4)
+    monkeypatch.setattr(kfra_module, "_CHAIN_ELEMENTS", 1)
+    chain = cv.estimators.fit_kflr_chain(model, (x, y), lik, batch_size=4)
+    ref = reference_factors(model, x, y, lik)
+    assert list(chain) == list(backward) == list(ref)
+    for name, (A, G) in ref.items():
+        assert_close_report(chain[name].A, backward[name].A, rtol=EXACT, name=f"A {name}")
+        assert_close_report(chain[name].G, backward[name].G, rtol=EXACT, name=f"G {name}")
+        assert_close_report(chain[name].G, G, rtol=EXACT, name=f"G {name} vs loops")
+
+
+@pytest.mark.parametrize("lik_name", ["ce", "gaussian", "bernoulli"])
+def test_kflr_chain_recursion_with_outputs_wider_than_the_layers(lik_name):
+    model = _wide_output_chain()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 3, dtype=DTYPE, generator=g)
+    lik = {"ce": cv.CrossEntropy(), "gaussian": cv.Gaussian(sigma=0.7), "bernoulli": cv.Bernoulli()}[lik_name]
+    y = {
+        "ce": torch.randint(0, 7, (9,), generator=g),
+        "gaussian": torch.randn(9, 7, dtype=DTYPE, generator=g),
+        "bernoulli": torch.randint(0, 2, (9, 7), generator=g).to(DTYPE),
+    }[lik_name]
+    chain = cv.fit_kronecker(model, (x, y), lik, method="kflr", batch_size=4)  # dispatches to the recursion
+    assert chain.method == "kflr"
+    ref = reference_factors(model, x, y, lik)
+    for name, (A, G) in ref.items():
+        assert_close_report(chain[name].A, A, rtol=EXACT, name=f"A {name}")
+        assert_close_report(chain[name].G, G, rtol=EXACT, name=f"G {name}")
+
+
 def test_non_sequential_module_equals_sequential():
     seq = MLP_TANH.build()
     chain = ChainModule(seq)
