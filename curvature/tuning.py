@@ -32,6 +32,7 @@ from torch import Tensor
 from .likelihoods import Gaussian
 from .metrics import nll_classification, nll_gaussian
 from .predictive import GLMFeatures, glm_covariance, glm_features, glm_summary, predictive_summary
+from .spectral import SpectralCovariance
 
 if TYPE_CHECKING:
     from .posterior import LaplacePosterior
@@ -268,6 +269,7 @@ def tune_linearised(
     calibration_tolerance: float | None = None,
     broad_tolerance: float | None = None,
     rows: Tensor | None = None,
+    interpolate: bool = True,
     progress: Callable[[float, str], None] | None = None,
 ) -> TuningResult:
     """Validation-NLL tuning of ``(N_eff, τ)`` and the null-space prior ``τ₀`` with the linearised predictive.
@@ -281,15 +283,18 @@ def tune_linearised(
        the broadest whose validation NLL stays within ``null_tolerance`` (relative) of step 2's, as
        :func:`tune_null_prior` does.
 
-    Every candidate costs a re-weighting of the cached features (see the module docstring), with the same logit
-    draws for all. Given several links (``("mc", "probit")``), each candidate is scored with each on the same
-    covariance and keeps the better; the link is chosen with the hyper-parameters. With ``min_accuracy``, a
-    candidate whose validation accuracy is below it is not eligible (its NLL counts as infinite). Sets the
-    posterior's hyper-parameters and null prior.
+    With exact damping the logit covariance of a candidate is ``U(N_eff/τ)/τ``
+    (:class:`~curvature.spectral.SpectralCovariance`): the grid's candidates share a few values of
+    ``N_eff/τ``, each computed once, and with ``interpolate`` (the default) each costs a few small products
+    independent of the layers' widths, within about 1 % of the exact covariance. The chosen candidate's
+    ``objective`` and the returned ``summary`` are always exact. The logit draws are shared by all candidates (one
+    seed). Given several links (``("mc", "probit")``), each candidate is scored with each on the same covariance
+    and keeps the better; the link is chosen with the hyper-parameters. With ``min_accuracy``, a candidate whose
+    validation accuracy is below it is not eligible (its NLL counts as infinite). Sets the posterior's
+    hyper-parameters and null prior.
 
     Args:
-        feats: the validation inputs' GLM features, if already computed (they are returned on the result's
-            ``summary`` path only through the predictive summary).
+        feats: the validation inputs' GLM features, if already computed.
         summary_samples: logit samples of the returned validation ``summary`` (default ``samples``).
         calibration_tolerance: if given (classification), the choice of step 2 is, among the candidates whose
             NLL is within this relative tolerance of the best, the one whose mean top-class probability is
@@ -302,6 +307,7 @@ def tune_linearised(
             broadest posterior that fits them as well gives the uncertainty where the data say nothing.
         rows: indices of the validation inputs the candidates are scored on (default: all). The returned
             ``summary`` covers every input, e.g. to calibrate OOD thresholds on all of them.
+        interpolate: score candidates on the interpolated covariance (exact: ``False``).
     """
     if len(x_val) == 0:
         raise ValueError("Validation tuning needs at least one validation input.")
@@ -316,7 +322,12 @@ def tune_linearised(
     names = list(post.blocks)
     history: list[dict[str, float]] = []
     scores: dict[tuple[float, float, float | None], float] = {}
-    expected = points * points + 4 * refine_steps * 2 + (null_decades if null_prior else 0)
+    has_null = post.damping == "exact" and any(bool(b.null_columns.any()) for b in post.blocks.values())
+    spectral = None
+    if post.damping == "exact":
+        spectral = SpectralCovariance(post, feats, split_null=null_prior and has_null, interpolate=interpolate)
+    expected = points * points + 8 * refine_steps
+    expected += null_decades if null_prior and has_null else 0
 
     def prior_of(log_tau: float, log_null: float | None) -> dict[str, float | Tensor]:
         tau = 10.0**log_tau
@@ -324,42 +335,53 @@ def tune_linearised(
             return dict.fromkeys(names, tau)
         return {n: post.blocks[n].prior_matrix(tau, 10.0**log_null) for n in names}
 
+    def covariance(log_ratio: float, log_tau: float, log_null: float | None, exact: bool = False) -> Tensor:
+        n_eff = n_data * 10.0**log_ratio
+        if spectral is None or exact:
+            return glm_covariance(post, feats, n_eff=n_eff, prior=prior_of(log_tau, log_null))
+        return spectral.covariance(n_eff, 10.0**log_tau, None if log_null is None else 10.0**log_null)
+
     links = (link,) if isinstance(link, str) else tuple(link)
     best_link: dict[tuple, str] = {}
     gaps: dict[tuple, float] = {}
     spreads: dict[tuple, float] = {}
 
+    def evaluate(cov: Tensor, entry: dict | None = None) -> tuple[float, str, float | None]:
+        """The best NLL over the links, its link and its one-bin calibration gap (classification)."""
+        value, chosen, gap = math.inf, links[0], None
+        for lk in links:
+            s = glm_summary(post, feats.f, cov, samples, seed, lk)
+            v = _validation_nll(post, s, y_val)
+            v = v if math.isfinite(v) else math.inf
+            g = None
+            if "probs" in s and (min_accuracy is not None or calibration_tolerance is not None):
+                correct = (s["probs"].argmax(-1) == y_val).double()
+                acc = float(correct.mean())
+                g = abs(float(s["probs"].max(-1).values.double().mean()) - acc)
+                if entry is not None:
+                    entry[f"acc_{lk}" if len(links) > 1 else "acc"] = acc
+                if min_accuracy is not None and acc < min_accuracy:
+                    v = math.inf
+            if entry is not None and len(links) > 1:
+                entry[f"nll_{lk}"] = v
+            if v < value or (value == math.inf and lk == links[0]):
+                value, chosen, gap = v, lk, g
+        return value, chosen, gap
+
     def nll(log_ratio: float, log_tau: float, log_null: float | None = None) -> float:
         key = (round(log_ratio, 9), round(log_tau, 9), None if log_null is None else round(log_null, 9))
         if key in scores:
             return scores[key]
-        prior = prior_of(log_tau, log_null)
-        cov = glm_covariance(post, feats, n_eff=n_data * 10.0**log_ratio, prior=prior)
+        cov = covariance(log_ratio, log_tau, log_null)
         entry: dict = {"log10_n_ratio": log_ratio, "log10_prior": log_tau}
         if log_null is None:
             spreads[key] = float(cov.diagonal(dim1=-2, dim2=-1).sum(-1).double().mean())
         if log_null is not None:
             entry["log10_null_prior"] = log_null
-        value, chosen = math.inf, links[0]
-        for lk in links:
-            s = glm_summary(post, feats.f, cov, samples, seed, lk)
-            v = _validation_nll(post, s, y_val)
-            v = v if math.isfinite(v) else math.inf
-            if "probs" in s and (min_accuracy is not None or calibration_tolerance is not None):
-                correct = (s["probs"].argmax(-1) == y_val).double()
-                acc = float(correct.mean())
-                gap = abs(float(s["probs"].max(-1).values.double().mean()) - acc)
-                entry[f"acc_{lk}" if len(links) > 1 else "acc"] = acc
-                if min_accuracy is not None and acc < min_accuracy:
-                    v = math.inf
-                if v < value:
-                    gaps[key] = gap
-            if len(links) > 1:
-                entry[f"nll_{lk}"] = v
-            if v < value:
-                value, chosen = v, lk
-        if key in gaps:
-            entry["calibration_gap"] = gaps[key]
+        value, chosen, gap = evaluate(cov, entry)
+        if gap is not None:
+            gaps[key] = gap
+            entry["calibration_gap"] = gap
         scores[key] = value
         best_link[key] = chosen
         entry["nll"] = value
@@ -370,8 +392,8 @@ def tune_linearised(
             progress(min(len(history) / expected, 1.0), f"tuning: {len(history)} candidates")
         return value
 
-    ratios = list(np.linspace(*log10_n_ratio, points))
-    taus = list(np.linspace(*log10_prior, points))
+    ratios = [float(v) for v in np.linspace(*log10_n_ratio, points)]
+    taus = [float(v) for v in np.linspace(*log10_prior, points)]
     step_r, step_t = ratios[1] - ratios[0], taus[1] - taus[0]
     for r in ratios:
         for t in taus:
@@ -385,20 +407,20 @@ def tune_linearised(
     while True:
         _, r, t = best_point()
         moved = False
-        for side, axis, values, step in (
+        for side, ax, values, delta in (
             ("r-", 0, ratios, -step_r),
             ("r+", 0, ratios, step_r),
             ("t-", 1, taus, -step_t),
             ("t+", 1, taus, step_t),
         ):
-            edge = values[0] if step < 0 else values[-1]
-            at = r if axis == 0 else t
+            edge = values[0] if delta < 0 else values[-1]
+            at = r if ax == 0 else t
             if abs(at - edge) < 1e-9 and grown[side] < max_growth:
-                new = edge + step
-                values.insert(0 if step < 0 else len(values), new)
+                new = edge + delta
+                values.insert(0 if delta < 0 else len(values), new)
                 grown[side] += 1
-                for other in list(taus if axis == 0 else ratios):
-                    nll(*((new, other) if axis == 0 else (other, new)))
+                for other in list(taus if ax == 0 else ratios):
+                    nll(*((new, other) if ax == 0 else (other, new)))
                 moved = True
         if not moved:
             break
@@ -437,7 +459,6 @@ def tune_linearised(
 
     chosen_null: float | None = None
     chosen_key = (round(r_best, 9), round(t_best, 9), None)
-    has_null = post.damping == "exact" and any(bool(b.null_columns.any()) for b in post.blocks.values())
     if null_prior and has_null:
         for k in range(1, null_decades + 1):
             candidate = t_best - k
@@ -448,6 +469,11 @@ def tune_linearised(
     post.set_hyperparameters(n_eff=n_data * 10.0**r_best, prior_precision=10.0**t_best)
     post.null_prior = chosen_null
     chosen_link = best_link[chosen_key]
+    if spectral is not None and interpolate:
+        # the choice was scored on the interpolated covariance; its objective is the exact one
+        exact_cov = covariance(r_best, t_best, None if chosen_null is None else math.log10(chosen_null), exact=True)
+        s = glm_summary(post, feats.f, exact_cov, samples, seed, chosen_link)
+        value = _validation_nll(post, s, y_val)
     summary = predictive_summary(post, x_val, summary_samples or samples, "glm", seed, chosen_link, feats=all_feats)
     return TuningResult(
         post.n_eff,
