@@ -58,48 +58,65 @@ def _log_nodes(values: Tensor, per_decade: int) -> tuple[Tensor, Tensor, Tensor,
 
 
 class _InterpolatedKron:
-    """``Σ_o g_o g_oᵀ Σ_i a_i² / (1 + s λ^G_o λ^A_i)`` over a subset of input columns, interpolated."""
+    """``Σ_o g_o g_oᵀ Σ_i a_i² w_i / (1 + s_i λ^G_o λ^A_i)`` of one Kronecker layer, interpolated.
 
-    def __init__(self, g: Tensor, a2: Tensor, s_g: Tensor, s_a: Tensor, per_decade: int) -> None:
+    ``s_i = s`` and ``w_i = 1`` on excited input columns; on never-excited ones (``null``) ``s_i = s₀`` and
+    ``w_i = ρ``. Both column sets share the fold of ``g gᵀ`` onto the ``λ^G`` nodes, so a call costs one batched
+    matrix-vector product with it.
+    """
+
+    def __init__(self, g: Tensor, a2: Tensor, s_g: Tensor, s_a: Tensor, null: Tensor | None, per_decade: int) -> None:
         dtype = g.dtype
         mu, g0, g1, gw = _log_nodes(s_g, per_decade)
-        nu, a0, a1, aw = _log_nodes(s_a, per_decade)
-        b = a2.shape[0]
-        c = g.shape[0]
-        a2d = a2.double()
-        folded_a = a2d.new_zeros(b, len(nu))
-        folded_a.index_add_(1, a0, a2d * (1 - aw))
-        folded_a.index_add_(1, a1, a2d * aw)
-        gb = g.permute(1, 2, 0)  # (B, out, C)
-        folded_g = g.new_zeros(b, len(mu), c, c)
+        b, c = a2.shape[0], g.shape[0]
+        self.parts = []
+        for cols in [None] if null is None else [~null, null]:
+            if cols is not None and not bool(cols.any()):
+                continue
+            sa = s_a if cols is None else s_a[cols]
+            nu, a0, a1, aw = _log_nodes(sa, per_decade)
+            # fold onto the nodes with the node index leading, so each scatter adds whole contiguous rows
+            a2t = (a2 if cols is None else a2[:, cols]).double().T  # (in, B)
+            folded = a2t.new_zeros(len(nu), b)
+            folded.index_add_(0, a0, a2t * (1 - aw).unsqueeze(1))
+            folded.index_add_(0, a1, a2t * aw.unsqueeze(1))
+            self.parts.append((cols is not None and cols is null, nu, folded.T.to(dtype).contiguous()))  # (B, M_A)
+        go = g.permute(2, 1, 0)  # (out, B, C)
+        folded_g = g.new_zeros(len(mu), b * c * c)
         chunk = max(1, _CHUNK // max(1, b * c * c))
-        for lo in range(0, gb.shape[1], chunk):
-            part = gb[:, lo : lo + chunk]
-            outer = part.unsqueeze(-1) * part.unsqueeze(-2)  # (B, k, C, C)
-            w = gw[lo : lo + chunk].to(dtype)
-            folded_g.index_add_(1, g0[lo : lo + chunk], outer * (1 - w).view(1, -1, 1, 1))
-            folded_g.index_add_(1, g1[lo : lo + chunk], outer * w.view(1, -1, 1, 1))
-        self.mu, self.nu = mu, nu
-        self.folded_a = folded_a.to(dtype)
-        self.folded_g = folded_g
-        self.trace = folded_g.diagonal(dim1=-2, dim2=-1).sum(-1)  # (B, M_G)
+        for lo in range(0, go.shape[0], chunk):
+            part = go[lo : lo + chunk]
+            outer = (part.unsqueeze(-1) * part.unsqueeze(-2)).reshape(len(part), -1)  # (k, B·C²)
+            w = gw[lo : lo + chunk].to(dtype).unsqueeze(1)
+            folded_g.index_add_(0, g0[lo : lo + chunk], outer * (1 - w))
+            folded_g.index_add_(0, g1[lo : lo + chunk], outer * w)
+        self.mu = mu
+        self.folded_g = folded_g.view(len(mu), b, c * c).permute(1, 2, 0).contiguous()  # (B, C², M_G)
+        self.c = c
 
-    def __call__(self, s: float) -> Tensor:
-        weight = (1.0 / (1.0 + s * torch.outer(self.mu, self.nu))).to(self.folded_a.dtype)  # (M_G, M_A)
-        m = self.folded_a @ weight.T  # (B, M_G)
-        return torch.einsum("bj,bjcd->bcd", m, self.folded_g)
+    def __call__(self, s: float, s0: float, rho: float) -> Tensor:
+        m = self.folded_g.new_zeros(self.folded_g.shape[0], self.folded_g.shape[-1])
+        for is_null, nu, folded_a in self.parts:
+            scale, weight = (s0, rho) if is_null else (s, 1.0)
+            h = (weight / (1.0 + scale * torch.outer(self.mu, nu))).to(folded_a.dtype)  # (M_G, M_A)
+            term = folded_a @ h.T  # (B, M_G)
+            m = m + term
+        return torch.bmm(self.folded_g, m.unsqueeze(-1)).view(-1, self.c, self.c)
 
 
 class _ExactLayer:
-    """``Σ_k φ_k φ_kᵀ / (1 + s λ_k)`` over the eigen-directions of the selected columns, computed exactly."""
+    """The same sum for any layer (convolutions, diagonal curvature), computed exactly."""
 
-    def __init__(self, g: Tensor, a2: Tensor | None, lam: Tensor, columns: Tensor) -> None:
+    def __init__(self, g: Tensor, a2: Tensor | None, lam: Tensor, null: Tensor | None) -> None:
         self.g, self.a2 = g, a2
         self.lam = lam.clamp_min(0)
-        self.mask = columns.to(lam.dtype).expand_as(lam)
+        self.null = None if null is None else null.to(lam.dtype).expand_as(lam)
 
-    def __call__(self, s: float) -> Tensor:
-        inv = self.mask / (1.0 + s * self.lam)
+    def __call__(self, s: float, s0: float, rho: float) -> Tensor:
+        if self.null is None:
+            inv = 1.0 / (1.0 + s * self.lam)
+        else:
+            inv = (1 - self.null) / (1.0 + s * self.lam) + self.null * (rho / (1.0 + s0 * self.lam))
         if self.a2 is not None:
             gb = self.g.transpose(0, 1)  # (B, C, out)
             m = self.a2 @ inv.T  # (B, out)
@@ -109,12 +126,14 @@ class _ExactLayer:
 
 
 class SpectralCovariance:
-    """``U(s) = Σ_k φ_k φ_kᵀ / (1 + s λ_k)`` on the features of some inputs, so that ``Σ(N_eff, τ) = U(N_eff/τ)/τ``.
+    """``U(s, s₀, ρ) = Σ_k φ_k φ_kᵀ w_k / (1 + s_k λ_k)`` on the features of some inputs, so that
+    ``Σ(N_eff, τ, τ₀) = U(N_eff/τ, N_eff/τ₀, τ/τ₀) / τ`` (``s_k, w_k`` are ``s, 1`` on excited directions and
+    ``s₀, ρ`` on never-excited ones).
 
     Args:
         post: a :class:`~curvature.posterior.LaplacePosterior` with exact damping.
         feats: the inputs' :class:`~curvature.predictive.GLMFeatures`.
-        split_null: keep never-excited directions in a second sum (:meth:`null`), for a null-space prior.
+        split_null: give never-excited directions their own prior ``τ₀`` (otherwise ``τ₀`` is ignored).
         interpolate: interpolate Kronecker layers (see the module docstring); exact otherwise.
         nodes_per_decade: interpolation nodes per decade of each Kronecker spectrum.
     """
@@ -130,54 +149,34 @@ class SpectralCovariance:
         if post.damping != "exact":
             raise ValueError("The spectral covariance needs exact damping (factored damping does not scale).")
         self.f = feats.f
-        self._main: list = []
-        self._null: list = []
+        self._layers: list = []
+        self.has_null = False
         b, c = feats.f.shape
         for name, (g, a2) in feats.rotated.items():
             block = post.blocks[name]
             null = block.null_columns if split_null else None
             if null is not None and not bool(null.any()):
                 null = None
+            self.has_null = self.has_null or null is not None
             kron = a2 is not None and getattr(block, "kind", "") == "kron"
-            small_enough = kron and b * c * c * len(_log_nodes(block.s_G, nodes_per_decade)[0]) <= _FOLDED_MAX
-            for cols, target in ((None if null is None else ~null, self._main), (null, self._null)):
-                if target is self._null and null is None:
-                    continue
-                if kron and interpolate and small_enough:
-                    s_a = block.s_A if cols is None else block.s_A[cols]
-                    a_part = a2 if cols is None else a2[:, cols]
-                    target.append(_InterpolatedKron(g, a_part, block.s_G, s_a, nodes_per_decade))
-                else:
-                    lam = block.eigenvalues(1.0, 0.0, "exact")
-                    columns = torch.ones(lam.shape[-1], dtype=torch.bool, device=lam.device) if cols is None else cols
-                    target.append(_ExactLayer(g, a2, lam, columns))
-        self._cache: dict[tuple[str, float], Tensor] = {}
+            small = kron and b * c * c * len(_log_nodes(block.s_G, nodes_per_decade)[0]) <= _FOLDED_MAX
+            if kron and interpolate and small:
+                self._layers.append(_InterpolatedKron(g, a2, block.s_G, block.s_A, null, nodes_per_decade))
+            else:
+                self._layers.append(_ExactLayer(g, a2, block.eigenvalues(1.0, 0.0, "exact"), null))
+        self._cache: dict[float, Tensor] = {}
 
-    @property
-    def has_null(self) -> bool:
-        return bool(self._null)
-
-    def _sum(self, parts: list, key: str, s: float) -> Tensor:
-        k = (key, float(s))
-        if k not in self._cache:
-            out = self.f.new_zeros(self.f.shape[0], self.f.shape[1], self.f.shape[1])
-            for part in parts:
-                out = out + part(s)
-            self._cache[k] = out
-        return self._cache[k]
-
-    def main(self, s: float) -> Tensor:
-        """``U(s)`` over the excited directions (all of them when the null space is not split)."""
-        return self._sum(self._main, "main", s)
-
-    def null(self, s: float) -> Tensor:
-        """``U(s)`` over the never-excited directions (zeros when there are none)."""
-        return self._sum(self._null, "null", s)
+    def _sum(self, s: float, s0: float, rho: float) -> Tensor:
+        out = self.f.new_zeros(self.f.shape[0], self.f.shape[1], self.f.shape[1])
+        for layer in self._layers:
+            out = out + layer(s, s0, rho)
+        return out
 
     def covariance(self, n_eff: float, tau: float, tau0: float | None = None) -> Tensor:
         """``Σ(N_eff, τ)`` with ``τ₀`` on never-excited directions (``None``: ``τ`` there too)."""
-        cov = self.main(n_eff / tau) / tau
-        if self._null:
-            t0 = tau if tau0 is None else tau0
-            cov = cov + self.null(n_eff / t0) / t0
-        return cov
+        s = n_eff / tau
+        if tau0 is None or not self.has_null:
+            if s not in self._cache:  # candidates sharing N_eff/τ share the sum
+                self._cache[s] = self._sum(s, s, 1.0)
+            return self._cache[s] / tau
+        return self._sum(s, n_eff / tau0, tau / tau0) / tau
