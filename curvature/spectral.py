@@ -31,9 +31,7 @@ from torch import Tensor
 from .predictive import GLMFeatures
 
 #: Spectra are clamped to this fraction of their largest value before their logarithm is taken.
-_FLOOR = 1e-14
-#: Elements of the outer products ``g gᵀ`` per chunk of output units while folding them.
-_CHUNK = 1 << 22
+_FLOOR = 1e-12
 #: The most elements a layer's folded ``g gᵀ`` (B, nodes, C, C) may hold; larger layers are summed exactly.
 _FOLDED_MAX = 1 << 26
 
@@ -81,27 +79,42 @@ class _InterpolatedKron:
             folded.index_add_(0, a0, a2t * (1 - aw).unsqueeze(1))
             folded.index_add_(0, a1, a2t * aw.unsqueeze(1))
             self.parts.append((cols is not None and cols is null, nu, folded.T.to(dtype).contiguous()))  # (B, M_A)
-        go = g.permute(2, 1, 0)  # (out, B, C)
-        folded_g = g.new_zeros(len(mu), b * c * c)
-        chunk = max(1, _CHUNK // max(1, b * c * c))
-        for lo in range(0, go.shape[0], chunk):
-            part = go[lo : lo + chunk]
-            outer = (part.unsqueeze(-1) * part.unsqueeze(-2)).reshape(len(part), -1)  # (k, B·C²)
-            w = gw[lo : lo + chunk].to(dtype).unsqueeze(1)
-            folded_g.index_add_(0, g0[lo : lo + chunk], outer * (1 - w))
-            folded_g.index_add_(0, g1[lo : lo + chunk], outer * w)
+        # Fold w g gᵀ onto the λ^G nodes: unit o adds (1 − w_o) g_o g_oᵀ to its lower node and w_o g_o g_oᵀ to
+        # the next; with the units grouped by node, each node is two batched products (B, C, n) @ (B, n, C).
+        order = torch.argsort(g0)
+        ends = torch.bincount(g0, minlength=len(mu)).cumsum(0).tolist()
+        gb = g.permute(1, 0, 2)[:, :, order]  # (B, C, out) grouped by lower node
+        low = gb * (1 - gw[order]).sqrt().to(dtype)
+        high = gb * gw[order].sqrt().to(dtype)
+        folded_g = g.new_zeros(b, len(mu), c, c)
+        start = 0
+        for j, end in enumerate(ends):
+            if end > start:
+                x0, x1 = low[:, :, start:end], high[:, :, start:end]
+                folded_g[:, j] += torch.bmm(x0, x0.transpose(1, 2))
+                folded_g[:, j + 1] += torch.bmm(x1, x1.transpose(1, 2))
+            start = end
+        # g gᵀ is symmetric: only its upper triangle is kept
+        self.iu = torch.triu_indices(c, c, device=g.device)
+        folded_g = folded_g[:, :, self.iu[0], self.iu[1]]
         self.mu = mu
-        self.folded_g = folded_g.view(len(mu), b, c * c).permute(1, 2, 0).contiguous()  # (B, C², M_G)
+        self.folded_g = folded_g.contiguous()  # (B, M_G, T)
+        # (T, C²): the triangle back to full symmetric matrices, as one product
+        tri = self.iu.shape[1]
+        self.unpack = g.new_zeros(tri, c * c)
+        self.unpack[torch.arange(tri), self.iu[0] * c + self.iu[1]] = 1
+        self.unpack[torch.arange(tri), self.iu[1] * c + self.iu[0]] = 1
         self.c = c
 
     def __call__(self, s: float, s0: float, rho: float) -> Tensor:
-        m = self.folded_g.new_zeros(self.folded_g.shape[0], self.folded_g.shape[-1])
+        m = self.folded_g.new_zeros(self.folded_g.shape[0], self.folded_g.shape[1])
         for is_null, nu, folded_a in self.parts:
             scale, weight = (s0, rho) if is_null else (s, 1.0)
             h = (weight / (1.0 + scale * torch.outer(self.mu, nu))).to(folded_a.dtype)  # (M_G, M_A)
             term = folded_a @ h.T  # (B, M_G)
             m = m + term
-        return torch.bmm(self.folded_g, m.unsqueeze(-1)).view(-1, self.c, self.c)
+        flat = torch.bmm(m.unsqueeze(1), self.folded_g).squeeze(1)  # (B, T)
+        return (flat @ self.unpack).view(-1, self.c, self.c)
 
 
 class _ExactLayer:
@@ -144,7 +157,7 @@ class SpectralCovariance:
         feats: GLMFeatures,
         split_null: bool = False,
         interpolate: bool = True,
-        nodes_per_decade: int = 8,
+        nodes_per_decade: int = 6,
     ) -> None:
         if post.damping != "exact":
             raise ValueError("The spectral covariance needs exact damping (factored damping does not scale).")

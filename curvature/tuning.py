@@ -469,12 +469,12 @@ def tune_linearised(
     post.set_hyperparameters(n_eff=n_data * 10.0**r_best, prior_precision=10.0**t_best)
     post.null_prior = chosen_null
     chosen_link = best_link[chosen_key]
+    full_cov = glm_covariance(post, all_feats)  # exact, at the chosen values, on every input
     if spectral is not None and interpolate:
         # the choice was scored on the interpolated covariance; its objective is the exact one
-        exact_cov = covariance(r_best, t_best, None if chosen_null is None else math.log10(chosen_null), exact=True)
-        s = glm_summary(post, feats.f, exact_cov, samples, seed, chosen_link)
-        value = _validation_nll(post, s, y_val)
-    summary = predictive_summary(post, x_val, summary_samples or samples, "glm", seed, chosen_link, feats=all_feats)
+        cov = full_cov if rows is None else full_cov[rows]
+        value = _validation_nll(post, glm_summary(post, feats.f, cov, samples, seed, chosen_link), y_val)
+    summary = glm_summary(post, all_feats.f, full_cov, summary_samples or samples, seed, chosen_link)
     return TuningResult(
         post.n_eff,
         10.0**t_best,
