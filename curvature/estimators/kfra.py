@@ -245,36 +245,44 @@ def fit_kflr_chain(
         diag = likelihood.hessian_sqrt_diagonal(f, y)
         sqrt = likelihood.hessian_sqrt(f, y) if diag is None else None
         k = f.shape[-1] if diag is not None else sqrt.shape[-1]
-        widest = max(m.out_features for m in linears)
-        chunk = max(1, _CHAIN_ELEMENTS // (widest * max(widest, k)))
+        # elements per example: a K × d_l square root while K ≤ d_l, a d_l × d_l matrix after that
+        per_example, rows, matrix = 1, k, False
+        for m in reversed(linears[:-1]):
+            d_l = m.out_features
+            per_example = max(per_example, rows * d_l)  # the product with W_{l+1}
+            matrix = matrix or rows > d_l
+            rows = d_l if matrix else rows
+            per_example = max(per_example, rows * d_l)
+        chunk = max(1, _CHAIN_ELEMENTS // per_example)
         for lo in range(0, f.shape[0], chunk):
             hi = lo + chunk
-            u: Tensor | None = None
+            # v = Uᵀ (n, K, d): every product below is a batch of rows times a weight matrix
+            v: Tensor | None = None
             g: Tensor | None = None
             for li in range(len(linears) - 2, -1, -1):
-                wt = linears[li + 1].weight.detach().T  # (d_l, d_{l+1})
+                w = linears[li + 1].weight.detach()  # (d_{l+1}, d_l)
                 if g is not None:
-                    g = wt @ g @ wt.T
-                elif u is not None:
-                    u = wt @ u
+                    g = (g @ w).transpose(1, 2) @ w  # Wᵀ G W (G symmetric)
+                elif v is not None:
+                    v = v @ w
                 elif diag is not None:
-                    u = wt * diag[lo:hi, None, :]
+                    v = diag[lo:hi, :, None] * w  # (n, C, d_l): rows of W scaled by √Λ
                 else:
-                    u = wt @ sqrt[lo:hi]
+                    v = sqrt[lo:hi].transpose(1, 2) @ w
                 d = derivs[li]
                 if d is not None:
                     d = d[lo:hi]
                     if g is not None:
                         g = d[:, :, None] * g * d[:, None, :]
                     else:
-                        u = d[:, :, None] * u
-                if g is None and u.shape[-1] > u.shape[-2]:
-                    g = u @ u.transpose(1, 2)
-                    u = None
+                        v = v * d[:, None, :]
+                if g is None and v.shape[1] > v.shape[2]:
+                    g = v.transpose(1, 2) @ v
+                    v = None
                 if g is not None:
                     add(li, g.sum(0))
                 else:
-                    add(li, gram(u.transpose(1, 2).reshape(-1, u.shape[-2])))
+                    add(li, gram(v.reshape(-1, v.shape[-1])))
 
     linears, a_sum, wanted, layers, n_seen = _chain_sweep(
         model, data, batch_size, device, progress, "kflr", layers, consume
