@@ -16,9 +16,10 @@ For a Kronecker layer applied once per example the sum over ``k = (o, i)`` is
 the weight ``1 / (1 + s λ^G λ^A)`` is interpolated linearly in ``(log λ^G, log λ^A)`` between log-spaced nodes
 (``nodes_per_decade`` per decade of each spectrum): the features are folded onto the nodes once, after which a
 value of ``s`` costs ``B · M_G · (M_A + C²)`` for ``M`` nodes, independent of the layer's width. The weight is
-smooth in the logarithms (its second derivative there is at most 0.1), so with 8 nodes per decade every entry of
-the sum is within about 1 % of the exact one. Other layers (convolutions, diagonal curvature) are summed
-exactly, once per ``s``.
+smooth in the logarithms (its second derivative there is at most 0.1), so with 6 nodes per decade every entry of
+the sum is within about 1 % of the exact one, at any ``s``: no eigenvalue is clamped (zero ones have a node of
+their own), since at large ``s`` even the smallest decide whether a direction keeps its prior variance. Other
+layers (convolutions, diagonal curvature) are summed exactly, once per ``s``.
 """
 
 from __future__ import annotations
@@ -30,28 +31,44 @@ from torch import Tensor
 
 from .predictive import GLMFeatures
 
-#: Spectra are clamped to this fraction of their largest value before their logarithm is taken.
-_FLOOR = 1e-12
 #: The most elements a layer's folded ``g gᵀ`` (B, nodes, C, C) may hold; larger layers are summed exactly.
 _FOLDED_MAX = 1 << 26
 
 
+#: Decades below the largest eigenvalue interpolated at the full node density; below them one node per decade.
+_DENSE_DECADES = 12
+
+
 def _log_nodes(values: Tensor, per_decade: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-spaced nodes spanning ``values`` and each value's two linear-interpolation neighbours and weights."""
-    v = values.double().clamp_min(0)
-    top = float(v.max()) if v.numel() else 0.0
-    if top <= 0:
-        nodes = torch.zeros(1, dtype=torch.float64, device=v.device)
-        idx = torch.zeros(len(v), dtype=torch.long, device=v.device)
-        return nodes, idx, idx, torch.ones_like(v)
-    u = v.clamp_min(top * _FLOOR).log()
-    lo, hi = float(u.min()), float(u.max())
-    count = max(2, math.ceil((hi - lo) / math.log(10) * per_decade) + 1)
-    step = max((hi - lo) / (count - 1), 1e-12)
-    nodes = torch.exp(lo + step * torch.arange(count, dtype=torch.float64, device=v.device))
-    pos = ((u - lo) / step).clamp(0, count - 1)
-    i0 = pos.floor().long().clamp_max(count - 2)
-    w1 = pos - i0
+    """Nodes for interpolating in ``log λ``, and each value's two neighbouring nodes and its weight on the upper.
+
+    Node 0 is ``λ = 0`` (weight ``1`` at any ``s``), where zero (or negative round-off) eigenvalues go; positive
+    values are interpolated between log-spaced nodes from the smallest positive value to the largest,
+    ``per_decade`` per decade over the top :data:`_DENSE_DECADES` decades and one per decade below. No value is
+    clamped: at large ``s`` even eigenvalues ~1e-20 of the largest decide whether a direction keeps its prior
+    variance.
+    """
+    v = values.double()
+    positive = v > 0
+    if not bool(positive.any()):
+        zero = torch.zeros(len(v), dtype=torch.long, device=v.device)
+        return torch.zeros(2, dtype=torch.float64, device=v.device), zero, zero + 1, torch.zeros_like(v)
+    u = v.clamp_min(float(v[positive].min())).log()
+    lo, hi = float(u[positive].min()), float(u.max())
+    decade = math.log(10)
+    split = max(lo, hi - _DENSE_DECADES * decade)
+    dense = torch.linspace(split, hi, max(2, math.ceil((hi - split) / decade * per_decade) + 1), dtype=torch.float64)
+    sparse = torch.linspace(lo, split, max(2, math.ceil((split - lo) / decade) + 1), dtype=torch.float64)[:-1]
+    log_nodes = torch.cat([sparse, dense]).to(v.device)
+    if len(log_nodes) < 2 or float(log_nodes[-1] - log_nodes[0]) <= 0:
+        log_nodes = torch.tensor([lo, lo + 1e-12], dtype=torch.float64, device=v.device)
+    i0 = (torch.searchsorted(log_nodes, u.contiguous(), right=True) - 1).clamp(0, len(log_nodes) - 2)
+    left, right = log_nodes[i0], log_nodes[i0 + 1]
+    w1 = ((u - left) / (right - left)).clamp(0, 1)
+    nodes = torch.cat([torch.zeros(1, dtype=torch.float64, device=v.device), log_nodes.exp()])
+    # node 0 is λ = 0: zeros put all their weight there
+    i0 = torch.where(positive, i0 + 1, torch.zeros_like(i0))
+    w1 = torch.where(positive, w1, torch.zeros_like(w1))
     return nodes, i0, i0 + 1, w1
 
 
