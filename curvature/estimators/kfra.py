@@ -147,7 +147,7 @@ def _chain_sweep(
             for x, y in iterate_batches(data, batch_size, device=device, dtype=dtype):
                 a_hats, derivs, f = _walk(chain, x)
                 for li, a_hat in enumerate(a_hats):
-                    aa = a_hat.T @ a_hat
+                    aa = gram(a_hat)
                     a_sum[li] = aa if a_sum[li] is None else a_sum[li] + aa
                 consume(linears, derivs, f, y)
                 n_seen += x.shape[0]
@@ -191,7 +191,7 @@ def fit_kfra(
                 d = linears[li].out_features
                 dd = torch.full((d, d), float(n), dtype=f.dtype, device=f.device)
             else:
-                dd = deriv.T @ deriv
+                dd = gram(deriv)
             d_sum[li] = dd if d_sum[li] is None else d_sum[li] + dd
         s = likelihood.output_curvature_sum(f, y)
         lam[:] = [s if not lam else lam[0] + s]
