@@ -342,6 +342,8 @@ def _narrow_until_accurate(post: LaplacePosterior, x_val: Tensor, y_val: Tensor,
         logits = torch.cat([post.model(x_val[i : i + 1024]) for i in range(0, len(x_val), 1024)])
     target = float((logits.argmax(-1) == y_val).double().mean()) - 1.0 / len(y_val) - 1e-12
     out = post.predict(x_val, samples=samples, predictive="mc")
+    key = (samples, int(post.metadata.get("seed", 0)))
+    draws = post.kept_samples.get(key)
     for step in range(tries):
         if float((out["probs"].argmax(-1) == y_val).double().mean()) >= target:
             break
@@ -351,5 +353,12 @@ def _narrow_until_accurate(post: LaplacePosterior, x_val: Tensor, y_val: Tensor,
         )
         post.null_prior = {k: 10 * v for k, v in null.items()} or None
         post.metadata["mc_narrowed"] = 10 ** (step + 1)
+        if draws is not None:
+            # Every precision ×10 scales each draw's offset from the mean by 1/√10 (same normals, same seed):
+            # rescale the kept draws instead of drawing them again.
+            for name, w in draws.items():
+                mean = post.blocks[name].mean
+                w.sub_(mean).mul_(10**-0.5).add_(mean)
+            post.offer_samples({key: draws})
         out = post.predict(x_val, samples=samples, predictive="mc")
     return out

@@ -281,3 +281,21 @@ def test_calibration_rule_and_accuracy_floor_choose_among_recorded_candidates():
     acc = float((probs.argmax(-1) == y_val).double().mean())
     assert abs(float(probs.max(-1).values.double().mean()) - acc) == pytest.approx(pick["calibration_gap"], abs=1e-6)
     assert any(h["acc"] < floor for h in result.history)
+
+
+def test_mc_narrowing_rescales_the_kept_draws():
+    """Narrowing multiplies every precision by 10, which scales each weight draw's offset by 1/√10: the rescaled
+    draws give what fresh draws (same seed) at the narrowed hyper-parameters give."""
+    from curvature.laplace import _narrow_until_accurate
+
+    model, x, y = _trained_blob_model()
+    lik = cv.CrossEntropy()
+    factors = cv.fit_kronecker(model, (x, y), lik, method="kflr")
+    post = cv.LaplacePosterior(model, factors, lik, n_eff=1.0, prior_precision=1e-3)
+    x_val, y_val = _blobs(300, 1)
+    out = _narrow_until_accurate(post, x_val, y_val, samples=16)
+    assert post.metadata.get("mc_narrowed", 1) >= 10, "the posterior was not broad enough to be narrowed"
+    fresh = cv.LaplacePosterior(model, factors, lik, n_eff=post.n_eff, prior_precision=post.prior_precision)
+    ref = fresh.predict(x_val, samples=16, predictive="mc")
+    torch.testing.assert_close(out["probs"], ref["probs"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out["probs"], post.model(x_val).softmax(-1), atol=1e-3), "no weight noise left"
