@@ -119,8 +119,9 @@ class _InterpolatedKron:
         # (T, C²): the triangle back to full symmetric matrices, as one product
         tri = self.iu.shape[1]
         self.unpack = g.new_zeros(tri, c * c)
-        self.unpack[torch.arange(tri), self.iu[0] * c + self.iu[1]] = 1
-        self.unpack[torch.arange(tri), self.iu[1] * c + self.iu[0]] = 1
+        rows = torch.arange(tri, device=g.device)
+        self.unpack[rows, self.iu[0] * c + self.iu[1]] = 1
+        self.unpack[rows, self.iu[1] * c + self.iu[0]] = 1
         self.c = c
 
     def __call__(self, s: float, s0: float, rho: float) -> Tensor:
