@@ -72,6 +72,46 @@ def _log_nodes(values: Tensor, per_decade: int) -> tuple[Tensor, Tensor, Tensor,
     return nodes, i0, i0 + 1, w1
 
 
+def _fold_outer(cols: Tensor, lower: Tensor, weight: Tensor, nodes: int) -> Tensor:
+    """``Σ_k w_{k,j} x_k x_kᵀ`` per node ``j`` for the columns ``x_k`` of ``cols`` (B, C, K): the upper triangles.
+
+    Column ``k`` adds ``(1 − w_k) x_k x_kᵀ`` to node ``lower[k]`` and ``w_k x_k x_kᵀ`` to the next one; with the
+    columns grouped by node, each node is two batched products (B, C, n) @ (B, n, C). Returns (B, nodes, T).
+    """
+    b, c, _ = cols.shape
+    order = torch.argsort(lower)
+    ends = torch.bincount(lower, minlength=nodes).cumsum(0).tolist()
+    grouped = cols[:, :, order]
+    low = grouped * (1 - weight[order]).sqrt().to(cols.dtype)
+    high = grouped * weight[order].sqrt().to(cols.dtype)
+    folded = cols.new_zeros(b, nodes, c, c)
+    start = 0
+    for j, end in enumerate(ends):
+        if end > start:
+            x0, x1 = low[:, :, start:end], high[:, :, start:end]
+            folded[:, j] += torch.bmm(x0, x0.transpose(1, 2))
+            folded[:, j + 1] += torch.bmm(x1, x1.transpose(1, 2))
+        start = end
+    iu = torch.triu_indices(c, c, device=cols.device)
+    return folded[:, :, iu[0], iu[1]].contiguous()
+
+
+class _Symmetric:
+    """Upper triangles (B, T) back to symmetric (B, C, C) matrices, as one product."""
+
+    def __init__(self, c: int, like: Tensor) -> None:
+        iu = torch.triu_indices(c, c, device=like.device)
+        tri = iu.shape[1]
+        self.unpack = like.new_zeros(tri, c * c)
+        rows = torch.arange(tri, device=like.device)
+        self.unpack[rows, iu[0] * c + iu[1]] = 1
+        self.unpack[rows, iu[1] * c + iu[0]] = 1
+        self.c = c
+
+    def __call__(self, flat: Tensor) -> Tensor:
+        return (flat @ self.unpack).view(-1, self.c, self.c)
+
+
 class _InterpolatedKron:
     """``Σ_o g_o g_oᵀ Σ_i a_i² w_i / (1 + s_i λ^G_o λ^A_i)`` of one Kronecker layer, interpolated.
 
@@ -82,7 +122,7 @@ class _InterpolatedKron:
 
     def __init__(self, g: Tensor, a2: Tensor, s_g: Tensor, s_a: Tensor, null: Tensor | None, per_decade: int) -> None:
         dtype = g.dtype
-        mu, g0, g1, gw = _log_nodes(s_g, per_decade)
+        mu, g0, _, gw = _log_nodes(s_g, per_decade)
         b, c = a2.shape[0], g.shape[0]
         self.parts = []
         for cols in [None] if null is None else [~null, null]:
@@ -96,43 +136,49 @@ class _InterpolatedKron:
             folded.index_add_(0, a0, a2t * (1 - aw).unsqueeze(1))
             folded.index_add_(0, a1, a2t * aw.unsqueeze(1))
             self.parts.append((cols is not None and cols is null, nu, folded.T.to(dtype).contiguous()))  # (B, M_A)
-        # Fold w g gᵀ onto the λ^G nodes: unit o adds (1 − w_o) g_o g_oᵀ to its lower node and w_o g_o g_oᵀ to
-        # the next; with the units grouped by node, each node is two batched products (B, C, n) @ (B, n, C).
-        order = torch.argsort(g0)
-        ends = torch.bincount(g0, minlength=len(mu)).cumsum(0).tolist()
-        gb = g.permute(1, 0, 2)[:, :, order]  # (B, C, out) grouped by lower node
-        low = gb * (1 - gw[order]).sqrt().to(dtype)
-        high = gb * gw[order].sqrt().to(dtype)
-        folded_g = g.new_zeros(b, len(mu), c, c)
-        start = 0
-        for j, end in enumerate(ends):
-            if end > start:
-                x0, x1 = low[:, :, start:end], high[:, :, start:end]
-                folded_g[:, j] += torch.bmm(x0, x0.transpose(1, 2))
-                folded_g[:, j + 1] += torch.bmm(x1, x1.transpose(1, 2))
-            start = end
-        # g gᵀ is symmetric: only its upper triangle is kept
-        self.iu = torch.triu_indices(c, c, device=g.device)
-        folded_g = folded_g[:, :, self.iu[0], self.iu[1]]
         self.mu = mu
-        self.folded_g = folded_g.contiguous()  # (B, M_G, T)
-        # (T, C²): the triangle back to full symmetric matrices, as one product
-        tri = self.iu.shape[1]
-        self.unpack = g.new_zeros(tri, c * c)
-        rows = torch.arange(tri, device=g.device)
-        self.unpack[rows, self.iu[0] * c + self.iu[1]] = 1
-        self.unpack[rows, self.iu[1] * c + self.iu[0]] = 1
-        self.c = c
+        self.folded_g = _fold_outer(g.permute(1, 0, 2), g0, gw, len(mu))  # (B, M_G, T)
+        self.symmetric = _Symmetric(c, g)
 
     def __call__(self, s: float, s0: float, rho: float) -> Tensor:
         m = self.folded_g.new_zeros(self.folded_g.shape[0], self.folded_g.shape[1])
         for is_null, nu, folded_a in self.parts:
             scale, weight = (s0, rho) if is_null else (s, 1.0)
             h = (weight / (1.0 + scale * torch.outer(self.mu, nu))).to(folded_a.dtype)  # (M_G, M_A)
-            term = folded_a @ h.T  # (B, M_G)
-            m = m + term
-        flat = torch.bmm(m.unsqueeze(1), self.folded_g).squeeze(1)  # (B, T)
-        return (flat @ self.unpack).view(-1, self.c, self.c)
+            m = m + folded_a @ h.T  # (B, M_G)
+        return self.symmetric(torch.bmm(m.unsqueeze(1), self.folded_g).squeeze(1))
+
+
+class _InterpolatedFlat:
+    """``Σ_k j_k j_kᵀ w_k / (1 + s_k λ_k)`` over a layer's flattened eigen-directions, interpolated in ``log λ``.
+
+    For layers whose features are full per-direction Jacobians (convolutions: ``J̃`` (B, C, out, in)), where the
+    weight depends on ``λ_k`` alone: the outer products are folded once onto nodes of ``log λ`` (excited and
+    never-excited directions apart), after which a call is one product (B, M, T) × (M,) per part.
+    """
+
+    def __init__(self, g: Tensor, lam: Tensor, null: Tensor | None, per_decade: int) -> None:
+        c = g.shape[1]
+        flat = g.flatten(2)  # (B, C, P)
+        lam = lam.reshape(-1)
+        self.parts = []
+        mask = None if null is None else null.expand(g.shape[2], -1).reshape(-1)
+        for cols in [None] if mask is None else [~mask, mask]:
+            if cols is not None and not bool(cols.any()):
+                continue
+            nodes, i0, _, w = _log_nodes(lam if cols is None else lam[cols], per_decade)
+            folded = _fold_outer(flat if cols is None else flat[:, :, cols], i0, w, len(nodes))
+            self.parts.append((cols is not None and cols is mask, nodes, folded))
+        self.symmetric = _Symmetric(c, g)
+
+    def __call__(self, s: float, s0: float, rho: float) -> Tensor:
+        total = None
+        for is_null, nodes, folded in self.parts:
+            scale, weight = (s0, rho) if is_null else (s, 1.0)
+            h = (weight / (1.0 + scale * nodes)).to(folded.dtype)  # (M,)
+            term = torch.einsum("bmt,m->bt", folded, h)
+            total = term if total is None else total + term
+        return self.symmetric(total)
 
 
 class _ExactLayer:
@@ -190,11 +236,17 @@ class SpectralCovariance:
                 null = None
             self.has_null = self.has_null or null is not None
             kron = a2 is not None and getattr(block, "kind", "") == "kron"
-            small = kron and b * c * c * len(_log_nodes(block.s_G, nodes_per_decade)[0]) <= _FOLDED_MAX
-            if kron and interpolate and small:
+            lam = block.eigenvalues(1.0, 0.0, "exact")
+            if interpolate and kron and b * c * c * len(_log_nodes(block.s_G, nodes_per_decade)[0]) <= _FOLDED_MAX:
                 self._layers.append(_InterpolatedKron(g, a2, block.s_G, block.s_A, null, nodes_per_decade))
+            elif (
+                interpolate
+                and a2 is None
+                and b * c * c * len(_log_nodes(lam.reshape(-1), nodes_per_decade)[0]) <= _FOLDED_MAX
+            ):
+                self._layers.append(_InterpolatedFlat(g, lam, null, nodes_per_decade))
             else:
-                self._layers.append(_ExactLayer(g, a2, block.eigenvalues(1.0, 0.0, "exact"), null))
+                self._layers.append(_ExactLayer(g, a2, lam, null))
         self._cache: dict[float, Tensor] = {}
 
     def _sum(self, s: float, s0: float, rho: float) -> Tensor:

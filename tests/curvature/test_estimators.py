@@ -344,6 +344,7 @@ def test_kflr_chain_recursion_equals_backward_engine_and_loops(case, lik_name, m
     for name, (A, G) in ref.items():
         assert_close_report(chain[name].A, backward[name].A, rtol=EXACT, name=f"A {name}")
         assert_close_report(chain[name].G, backward[name].G, rtol=EXACT, name=f"G {name}")
+        assert_close_report(chain[name].A, A, rtol=EXACT, name=f"A {name} vs loops")
         assert_close_report(chain[name].G, G, rtol=EXACT, name=f"G {name} vs loops")
 
 
