@@ -18,8 +18,11 @@ the weight ``1 / (1 + s λ^G λ^A)`` is interpolated linearly in ``(log λ^G, lo
 value of ``s`` costs ``B · M_G · (M_A + C²)`` for ``M`` nodes, independent of the layer's width. The weight is
 smooth in the logarithms (its second derivative there is at most 0.1), so with 6 nodes per decade every entry of
 the sum is within about 1 % of the exact one, at any ``s``: no eigenvalue is clamped (zero ones have a node of
-their own), since at large ``s`` even the smallest decide whether a direction keeps its prior variance. Other
-layers (convolutions, diagonal curvature) are summed exactly, once per ``s``.
+their own), since at large ``s`` even the smallest decide whether a direction keeps its prior variance.
+
+Layers whose features are full per-direction Jacobians (convolutions) fold their outer products onto nodes of
+``log λ`` alone, so a value of ``s`` costs ``B · M · C²`` there too. Layers applied once per example with diagonal
+curvature (whose ``λ`` has no Kronecker structure) are summed exactly, once per ``s``.
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ class _InterpolatedFlat:
 
 
 class _ExactLayer:
-    """The same sum for any layer (convolutions, diagonal curvature), computed exactly."""
+    """The same sum for any layer, computed exactly (diagonal curvature; any layer when not interpolating)."""
 
     def __init__(self, g: Tensor, a2: Tensor | None, lam: Tensor, null: Tensor | None) -> None:
         self.g, self.a2 = g, a2
@@ -211,7 +214,7 @@ class SpectralCovariance:
         post: a :class:`~curvature.posterior.LaplacePosterior` with exact damping.
         feats: the inputs' :class:`~curvature.predictive.GLMFeatures`.
         split_null: give never-excited directions their own prior ``τ₀`` (otherwise ``τ₀`` is ignored).
-        interpolate: interpolate Kronecker layers (see the module docstring); exact otherwise.
+        interpolate: interpolate Kronecker layers and convolutions (see the module docstring); exact otherwise.
         nodes_per_decade: interpolation nodes per decade of each Kronecker spectrum.
     """
 
