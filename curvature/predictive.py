@@ -136,15 +136,22 @@ def glm_covariance(post, feats: GLMFeatures, n_eff: float | None = None, prior: 
     b, c = feats.f.shape
     cov = feats.f.new_zeros(b, c, c)
     for name, (g, a2) in feats.rotated.items():
-        inv = 1.0 / post.eigenvalues(name, n_eff, None if prior is None else prior[name])
-        if a2 is not None:
-            m = a2 @ inv.T  # (B, out)
-            gb = g.transpose(0, 1)  # (B, C, out)
-            cov += (gb * m.unsqueeze(1)) @ gb.transpose(-1, -2)
-        else:
-            flat = g.flatten(2)  # (B, C, out·in)
-            cov += (flat * inv.reshape(1, 1, -1)) @ flat.transpose(-1, -2)
+        cov += layer_covariance(g, a2, 1.0 / post.eigenvalues(name, n_eff, None if prior is None else prior[name]))
     return cov
+
+
+def layer_covariance(g: Tensor, a2: Tensor | None, weight: Tensor) -> Tensor:
+    """One layer's ``Σ_k φ_k φ_kᵀ w_k`` (B, C, C) from its GLM features and a weight per eigen-direction (out, in).
+
+    ``a2`` given (a layer applied once per example): ``Σ_o g_o g_oᵀ Σ_i a_i² w_oi``; otherwise ``g`` holds the
+    per-direction Jacobians (B, C, out, in).
+    """
+    if a2 is not None:
+        m = a2 @ weight.T  # (B, out)
+        gb = g.transpose(0, 1)  # (B, C, out)
+        return (gb * m.unsqueeze(1)) @ gb.transpose(-1, -2)
+    flat = g.flatten(2)  # (B, C, out·in)
+    return (flat * weight.reshape(1, 1, -1)) @ flat.transpose(-1, -2)
 
 
 def _logit_samples(mean: Tensor, cov: Tensor, samples: int, seed: int) -> Tensor:

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .predictive import GLMFeatures
+from .predictive import GLMFeatures, layer_covariance
 
 #: The most elements a layer's folded ``g gᵀ`` (B, nodes, C, C) may hold; larger layers are summed exactly.
 _FOLDED_MAX = 1 << 26
@@ -194,15 +194,10 @@ class _ExactLayer:
 
     def __call__(self, s: float, s0: float, rho: float) -> Tensor:
         if self.null is None:
-            inv = 1.0 / (1.0 + s * self.lam)
+            weight = 1.0 / (1.0 + s * self.lam)
         else:
-            inv = (1 - self.null) / (1.0 + s * self.lam) + self.null * (rho / (1.0 + s0 * self.lam))
-        if self.a2 is not None:
-            gb = self.g.transpose(0, 1)  # (B, C, out)
-            m = self.a2 @ inv.T  # (B, out)
-            return (gb * m.unsqueeze(1)) @ gb.transpose(-1, -2)
-        flat = self.g.flatten(2)
-        return (flat * inv.reshape(1, 1, -1)) @ flat.transpose(-1, -2)
+            weight = (1 - self.null) / (1.0 + s * self.lam) + self.null * (rho / (1.0 + s0 * self.lam))
+        return layer_covariance(self.g, self.a2, weight)
 
 
 class SpectralCovariance:

@@ -346,8 +346,9 @@ def tune_linearised(
     gaps: dict[tuple, float] = {}
     spreads: dict[tuple, float] = {}
 
-    def evaluate(cov: Tensor, entry: dict | None = None) -> tuple[float, str, float | None]:
-        """The best NLL over the links, its link and its one-bin calibration gap (classification)."""
+    def evaluate(cov: Tensor, entry: dict) -> tuple[float, str, float | None]:
+        """The best NLL over the links, its link and its one-bin calibration gap (classification); per-link
+        accuracies and NLLs go into the history ``entry``."""
         value, chosen, gap = math.inf, links[0], None
         for lk in links:
             s = glm_summary(post, feats.f, cov, samples, seed, lk)
@@ -358,11 +359,10 @@ def tune_linearised(
                 correct = (s["probs"].argmax(-1) == y_val).double()
                 acc = float(correct.mean())
                 g = abs(float(s["probs"].max(-1).values.double().mean()) - acc)
-                if entry is not None:
-                    entry[f"acc_{lk}" if len(links) > 1 else "acc"] = acc
+                entry[f"acc_{lk}" if len(links) > 1 else "acc"] = acc
                 if min_accuracy is not None and acc < min_accuracy:
                     v = math.inf
-            if entry is not None and len(links) > 1:
+            if len(links) > 1:
                 entry[f"nll_{lk}"] = v
             if v < value or (value == math.inf and lk == links[0]):
                 value, chosen, gap = v, lk, g
