@@ -50,10 +50,11 @@ from .options import (
     Subset,
     Task,
     Tuning,
+    TuningShape,
 )
 from .posterior import DiagBlock, KronBlock, LaplacePosterior, LayerPosterior
 from .predictive import predict
-from .tuning import TuningResult, tune_linearised, tune_marglik, tune_null_prior, tune_validation
+from .tuning import TuningResult, spectral_shape, tune_linearised, tune_marglik, tune_null_prior, tune_validation
 
 __all__ = [
     "CURVATURES",
@@ -65,6 +66,7 @@ __all__ = [
     "Subset",
     "Task",
     "Tuning",
+    "TuningShape",
     "LaplaceConfig",
     "LaplacePosterior",
     "LayerPosterior",
@@ -82,6 +84,7 @@ __all__ = [
     "nll_classification",
     "nll_gaussian",
     "predict",
+    "spectral_shape",
     "tune_linearised",
     "tune_marglik",
     "tune_null_prior",

@@ -58,6 +58,18 @@ class Tuning(StrEnum):
     none = "none"
 
 
+class TuningShape(StrEnum):
+    """How validation tuning sets the ratio ``N_eff/τ`` (the posterior's shape; ``τ`` then sets its scale).
+
+    ``spectrum``: from the curvature alone, so that the prior and the data weigh equally in the median direction
+    the data excite (:func:`curvature.tuning.spectral_shape`); ``validation``: searched with ``τ`` on validation
+    NLL over a two-dimensional grid.
+    """
+
+    spectrum = "spectrum"
+    validation = "validation"
+
+
 class Subset(StrEnum):
     """Which layers the posterior covers."""
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .likelihoods import Gaussian
@@ -248,6 +249,113 @@ def tune_null_prior(
     return chosen
 
 
+#: Curvature eigenvalues at most this fraction of their factor's (or layer's, for a diagonal) largest are
+#: directions the data do not excite (as :attr:`~curvature.posterior.LayerPosterior.null_columns` for inputs).
+EXCITED_FRACTION = 1e-6
+
+
+def spectral_shape(post: LaplacePosterior) -> float:
+    """``N_eff/τ = 1/λ_med``, with ``λ_med`` the median curvature eigenvalue over the directions the data excite.
+
+    The precision of direction ``k`` is ``τ (1 + (N_eff/τ) λ_k)``: with this ratio the prior and the data weigh
+    equally in the median excited direction, so the data determine the better-excited half of those directions
+    and the prior the rest (and every direction the data do not excite). It is the posterior's shape; a scale
+    ``τ`` is then chosen on validation data, which barely constrain the shape (their NLL is flat along whole
+    ridges of ``(N_eff, τ)`` that give very different uncertainty away from the data). Pooled over layers,
+    Kronecker directions count as excited when both of their factors' eigenvalues exceed
+    :data:`EXCITED_FRACTION` of that factor's largest, diagonal ones when the entry does of its layer's largest.
+    """
+    excited = []
+    for block in post.blocks.values():
+        lam = block.eigenvalues(1.0, 0.0, "exact")
+        if block.kind == "kron":
+            mask = torch.outer(
+                block.s_G > EXCITED_FRACTION * block.s_G.max(), block.s_A > EXCITED_FRACTION * block.s_A.max()
+            )
+        else:
+            mask = lam > EXCITED_FRACTION * lam.max()
+        excited.append(lam[mask].reshape(-1).double())
+    values = torch.cat(excited)
+    values = values[values > 0]
+    if values.numel() == 0:
+        raise ValueError("The curvature excites no direction: no shape can be read from its spectrum.")
+    return float(1.0 / values.median())
+
+
+def _search_grid(nll, best_point, log10_n_ratio, log10_prior, points, max_growth, refine_steps) -> bool:
+    """Steps 1-2 of :func:`tune_linearised` on the ``(log10 N_eff/N, log10 τ)`` grid; whether the optimum of the
+    grown grid sat on its edge."""
+    ratios = [float(v) for v in np.linspace(*log10_n_ratio, points)]
+    taus = [float(v) for v in np.linspace(*log10_prior, points)]
+    step_r, step_t = ratios[1] - ratios[0], taus[1] - taus[0]
+    for r in ratios:
+        for t in taus:
+            nll(float(r), float(t))
+    grown = {"r-": 0, "r+": 0, "t-": 0, "t+": 0}
+    while True:
+        _, r, t = best_point()
+        moved = False
+        for side, ax, values, delta in (
+            ("r-", 0, ratios, -step_r),
+            ("r+", 0, ratios, step_r),
+            ("t-", 1, taus, -step_t),
+            ("t+", 1, taus, step_t),
+        ):
+            edge = values[0] if delta < 0 else values[-1]
+            at = r if ax == 0 else t
+            if abs(at - edge) < 1e-9 and grown[side] < max_growth:
+                new = edge + delta
+                values.insert(0 if delta < 0 else len(values), new)
+                grown[side] += 1
+                for other in list(taus if ax == 0 else ratios):
+                    nll(*((new, other) if ax == 0 else (other, new)))
+                moved = True
+        if not moved:
+            break
+    _, r0, t0 = best_point()
+    at_edge = abs(r0 - ratios[0]) < 1e-9 or abs(r0 - ratios[-1]) < 1e-9 or abs(t0 - taus[0]) < 1e-9
+    at_edge = at_edge or abs(t0 - taus[-1]) < 1e-9
+    dr, dt = step_r / 2, step_t / 2
+    for _ in range(refine_steps):
+        _, r0, t0 = best_point()
+        for a in (-dr, 0.0, dr):
+            for b in (-dt, 0.0, dt):
+                if a or b:
+                    nll(r0 + a, t0 + b)
+        dr, dt = dr / 2, dt / 2
+    return at_edge
+
+
+def _search_ray(nll, best_tau, log10_prior, max_growth: int, step: float = 0.5) -> bool:
+    """Steps 1-2 of :func:`tune_linearised` along ``log10 τ`` alone (``nll(log10 τ)``, ``best_tau()``): a grid of
+    ``step`` that grows by one step past an edge while the best sits on it (``max_growth`` per side), then the
+    neighbours of the best at ``step/2`` and ``step/4``. Returns whether the grown grid's best sat on its edge."""
+    lo, hi = log10_prior
+    taus = [float(v) for v in np.arange(lo, hi + step / 2, step)]
+    for t in taus:
+        nll(t)
+    grown = {"-": 0, "+": 0}
+    while True:
+        t = best_tau()
+        if abs(t - taus[0]) < 1e-9 and grown["-"] < max_growth:
+            taus.insert(0, taus[0] - step)
+            grown["-"] += 1
+            nll(taus[0])
+        elif abs(t - taus[-1]) < 1e-9 and grown["+"] < max_growth:
+            taus.append(taus[-1] + step)
+            grown["+"] += 1
+            nll(taus[-1])
+        else:
+            break
+    t = best_tau()
+    at_edge = abs(t - taus[0]) < 1e-9 or abs(t - taus[-1]) < 1e-9
+    for d in (step / 2, step / 4):
+        t = best_tau()
+        nll(t - d)
+        nll(t + d)
+    return at_edge
+
+
 def tune_linearised(
     post: LaplacePosterior,
     x_val: Tensor,
@@ -270,6 +378,7 @@ def tune_linearised(
     broad_tolerance: float | None = None,
     rows: Tensor | None = None,
     interpolate: bool = True,
+    shape: float | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> TuningResult:
     """Validation-NLL tuning of ``(N_eff, τ)`` and the null-space prior ``τ₀`` with the linearised predictive.
@@ -282,6 +391,12 @@ def tune_linearised(
     3. ``τ₀`` (exact damping, layers with never-excited directions): from ``τ/10`` down one decade at a time,
        the broadest whose validation NLL stays within ``null_tolerance`` (relative) of step 2's, as
        :func:`tune_null_prior` does.
+
+    With ``shape`` (e.g. :func:`spectral_shape`) the ratio ``N_eff/τ`` is fixed and steps 1 and 2 search ``τ``
+    alone, on the ray ``N_eff = shape · τ``: half-decade steps over ``log10_prior``, growing by one step past an
+    edge while the best candidate sits on it (at most ``4 · max_growth`` steps per side), then the neighbours of
+    the best at a quarter and an eighth of a decade. Every candidate on the ray shares one covariance sum,
+    rescaled. ``at_edge`` then says whether the *chosen* ``τ`` sits at an end of the explored range.
 
     With exact damping the logit covariance of a candidate is ``U(N_eff/τ)/τ``
     (:class:`~curvature.spectral.SpectralCovariance`): the grid's candidates share a few values of
@@ -304,7 +419,11 @@ def tune_linearised(
             relative tolerance of the best (and that keep the accuracy floor), the broadest: the one with the
             largest mean logit variance on the tuning rows. Validation NLL alone often prefers a posterior
             barely wider than the network itself (the data it can see say little about the rest); the
-            broadest posterior that fits them as well gives the uncertainty where the data say nothing.
+            broadest posterior that fits them as well gives the uncertainty where the data say nothing. With
+            ``shape`` it applies only when the network itself (zero covariance) is within the tolerance of the
+            best: the validation data cannot tell the posterior from the network, so the broadest candidate they
+            accept is taken; otherwise the NLL optimum is (along the ray only the scale varies, and the OOD
+            ranking of the mutual information barely depends on it).
         rows: indices of the validation inputs the candidates are scored on (default: all). The returned
             ``summary`` covers every input, e.g. to calibrate OOD thresholds on all of them.
         interpolate: score candidates on the interpolated covariance (exact: ``False``).
@@ -326,7 +445,7 @@ def tune_linearised(
     spectral = None
     if post.damping == "exact":
         spectral = SpectralCovariance(post, feats, split_null=null_prior and has_null, interpolate=interpolate)
-    expected = points * points + 8 * refine_steps
+    expected = points * points + 8 * refine_steps if shape is None else 21
     expected += null_decades if null_prior and has_null else 0
 
     def prior_of(log_tau: float, log_null: float | None) -> dict[str, float | Tensor]:
@@ -392,77 +511,54 @@ def tune_linearised(
             progress(min(len(history) / expected, 1.0), f"tuning: {len(history)} candidates")
         return value
 
-    ratios = [float(v) for v in np.linspace(*log10_n_ratio, points)]
-    taus = [float(v) for v in np.linspace(*log10_prior, points)]
-    step_r, step_t = ratios[1] - ratios[0], taus[1] - taus[0]
-    for r in ratios:
-        for t in taus:
-            nll(float(r), float(t))
-
     def best_point() -> tuple[float, float, float]:
         (r, t, _), v = min(((k, v) for k, v in scores.items() if k[2] is None), key=lambda kv: (kv[1], kv[0]))
         return v, r, t
 
-    grown = {"r-": 0, "r+": 0, "t-": 0, "t+": 0}
-    while True:
-        _, r, t = best_point()
-        moved = False
-        for side, ax, values, delta in (
-            ("r-", 0, ratios, -step_r),
-            ("r+", 0, ratios, step_r),
-            ("t-", 1, taus, -step_t),
-            ("t+", 1, taus, step_t),
-        ):
-            edge = values[0] if delta < 0 else values[-1]
-            at = r if ax == 0 else t
-            if abs(at - edge) < 1e-9 and grown[side] < max_growth:
-                new = edge + delta
-                values.insert(0 if delta < 0 else len(values), new)
-                grown[side] += 1
-                for other in list(taus if ax == 0 else ratios):
-                    nll(*((new, other) if ax == 0 else (other, new)))
-                moved = True
-        if not moved:
-            break
-    value, r0, t0 = best_point()
-    at_edge = abs(r0 - ratios[0]) < 1e-9 or abs(r0 - ratios[-1]) < 1e-9 or abs(t0 - taus[0]) < 1e-9
-    at_edge = at_edge or abs(t0 - taus[-1]) < 1e-9
-    dr, dt = step_r / 2, step_t / 2
-    for _ in range(refine_steps):
-        _, r0, t0 = best_point()
-        for a in (-dr, 0.0, dr):
-            for b in (-dt, 0.0, dt):
-                if a or b:
-                    nll(r0 + a, t0 + b)
-        dr, dt = dr / 2, dt / 2
+    if shape is None:
+        at_edge = _search_grid(nll, best_point, log10_n_ratio, log10_prior, points, max_growth, refine_steps)
+    else:
+        ray = math.log10(shape / n_data)  # log10(N_eff/N) = ray + log10(τ) on the ray
+        at_edge = _search_ray(lambda t: nll(ray + t, t), lambda: best_point()[2], log10_prior, 4 * max_growth)
     value, r_best, t_best = best_point()
     if not math.isfinite(value):
         raise ValueError("Validation NLL is not finite for any hyper-parameter candidate.")
+
+    def network_within(tolerance: float) -> bool:
+        """Whether the network's own validation NLL (zero covariance) is within ``tolerance`` of the best."""
+        zero = feats.f.new_zeros(*feats.f.shape, feats.f.shape[-1])
+        own = _validation_nll(post, glm_summary(post, feats.f, zero, 1, seed, links[0]), y_val)
+        return own <= value + tolerance * abs(value)
+
     if calibration_tolerance is not None:
         # Among candidates within the NLL tolerance of the best, the one whose mean confidence is closest to its
         # accuracy on the tuning rows (ties: the lower NLL).
         near = [
             (gaps[k], v, k)
             for k, v in scores.items()
-            if k[2] is None and k in gaps and v <= value * (1 + calibration_tolerance)
+            if k[2] is None and k in gaps and v <= value + calibration_tolerance * abs(value)
         ]
         if near:
             _, value, (r_best, t_best, _) = min(near)
-    elif broad_tolerance is not None:
+    elif broad_tolerance is not None and (shape is None or network_within(broad_tolerance)):
         near = [
             (-spreads[k], v, k)
             for k, v in scores.items()
-            if k[2] is None and k in spreads and math.isfinite(v) and v <= value * (1 + broad_tolerance)
+            if k[2] is None and k in spreads and math.isfinite(v) and v <= value + broad_tolerance * abs(value)
         ]
         if near:
             _, value, (r_best, t_best, _) = min(near)
+
+    if shape is not None:
+        explored = [k[1] for k in scores if k[2] is None]
+        at_edge = abs(t_best - min(explored)) < 1e-9 or abs(t_best - max(explored)) < 1e-9
 
     chosen_null: float | None = None
     chosen_key = (round(r_best, 9), round(t_best, 9), None)
     if null_prior and has_null:
         for k in range(1, null_decades + 1):
             candidate = t_best - k
-            if not nll(r_best, t_best, candidate) <= value * (1 + null_tolerance):
+            if not nll(r_best, t_best, candidate) <= value + null_tolerance * abs(value):
                 break
             chosen_null = 10.0**candidate
             chosen_key = (round(r_best, 9), round(t_best, 9), round(candidate, 9))

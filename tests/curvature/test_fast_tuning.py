@@ -75,6 +75,107 @@ def test_the_range_grows_until_the_optimum_is_inside():
     assert grown.objective < stuck.objective
 
 
+def _ray_brute_force(problem: GLMRegressionProblem, shape: float) -> tuple[float, float]:
+    """The best ``log10 τ`` (0.01 grid) and its NLL on the ray ``N_eff = shape · τ``."""
+    taus = np.arange(-6.0, 10.0001, 0.01)
+    values = problem.nll(math.log10(shape / N_DATA) + taus, taus)
+    return float(taus[np.argmin(values)]), float(values.min())
+
+
+@pytest.mark.parametrize("kind", ["kron", "diag"])
+@pytest.mark.parametrize("offset", [0.0, 2.0, -1.5], ids=["through", "above", "below"])
+def test_ray_search_finds_the_brute_force_optimum_on_its_ray(kind, offset):
+    """With a fixed shape ``N_eff/τ`` the tuner searches ``τ`` alone. On the ray through the known optimum
+    (0.3, 0.7) and on rays 10^2 and 10^-1.5 away from it, it lands within its last refinement (1/8 decade) of the
+    brute-force optimum along the ray, at an NLL within 0.05 % of it, in tens of candidates all on the ray."""
+    problem = GLMRegressionProblem(kind, 0.3, 0.7)
+    shape = N_DATA * 10.0 ** (0.3 - 0.7 + offset)
+    t_bf, nll_bf = _ray_brute_force(problem, shape)
+    if offset == 0.0:
+        assert abs(t_bf - 0.7) < 0.011
+    result = cv.tune_linearised(problem.post, problem.x, problem.y, null_prior=False, shape=shape)
+    chosen = math.log10(result.prior_precision)
+    assert result.n_eff / result.prior_precision == pytest.approx(shape, rel=1e-9)
+    assert abs(chosen - t_bf) <= 0.125 + 0.011, (chosen, t_bf)
+    assert nll_bf - 1e-12 <= result.objective <= nll_bf * (1 + 5e-4) + 1e-12
+    assert result.objective == pytest.approx(problem.nll(math.log10(result.n_eff / N_DATA), chosen), rel=1e-9)
+    assert not result.at_edge
+    assert len(result.history) <= 30
+    for h in result.history:
+        assert h["log10_n_ratio"] - h["log10_prior"] == pytest.approx(math.log10(shape / N_DATA), abs=1e-9)
+
+
+def test_ray_search_grows_past_its_range_and_keeps_the_optimum_unless_the_network_is_as_good():
+    """The optimum (10^-3, 10^-2.9) lies below the ray's initial τ range (10^-2 … 10^4): the range grows to it.
+    A broad tolerance changes nothing while the network's own NLL (zero covariance) is outside it; once the
+    tolerance admits the network, the broadest candidate within it (the smallest τ) is chosen."""
+    problem = GLMRegressionProblem("kron", -3.0, -2.9)
+    shape = N_DATA * 10.0 ** (-3.0 + 2.9)
+    t_bf, _ = _ray_brute_force(problem, shape)
+    grown = cv.tune_linearised(problem.post, problem.x, problem.y, null_prior=False, shape=shape)
+    assert abs(math.log10(grown.prior_precision) - t_bf) <= 0.125 + 0.011
+    assert min(h["log10_prior"] for h in grown.history) < -2.0 and not grown.at_edge
+
+    same = GLMRegressionProblem("kron", -3.0, -2.9)
+    kept = cv.tune_linearised(same.post, same.x, same.y, null_prior=False, shape=shape, broad_tolerance=0.01)
+    assert kept.prior_precision == grown.prior_precision
+
+    network = same.nll(-12.0, 12.0)  # a posterior narrower than round-off: the network itself
+    tolerance = 1.5 * (network - grown.objective) / abs(grown.objective)
+    broad = GLMRegressionProblem("kron", -3.0, -2.9)
+    wide = cv.tune_linearised(broad.post, broad.x, broad.y, null_prior=False, shape=shape, broad_tolerance=tolerance)
+    eligible = [h for h in wide.history if h["nll"] <= grown.objective + tolerance * abs(grown.objective)]
+    assert math.log10(wide.prior_precision) == pytest.approx(min(h["log10_prior"] for h in eligible))
+    assert wide.prior_precision < grown.prior_precision
+
+
+@pytest.mark.parametrize("curvature", ["kflr", "kfac", "diag"])
+def test_spectral_shape_is_the_inverse_median_excited_eigenvalue(curvature):
+    """Against the dense block-diagonal curvature built from the fitted factors (float64 ``eigvalsh``): the
+    shape is one over the median of its eigenvalues, leaving out the zero ones (never-varying input features,
+    the softmax's constant direction). With it, half of the excited directions have ``shape · λ ≥ 1``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(60, 5, dtype=torch.float64)
+    x[:, 3:] = 0.0
+    y = torch.randint(0, 3, (60,))
+    lik = cv.CrossEntropy()
+    if curvature == "diag":
+        factors = cv.fit_diagonal(model, (x, y), lik)
+        dense = torch.cat([factors[n].reshape(-1) for n in factors])
+    else:
+        factors = cv.fit_kronecker(model, (x, y), lik, method=curvature)
+        dense = torch.cat([torch.linalg.eigvalsh(torch.kron(factors[n].G, factors[n].A)) for n in factors])
+    excited = dense[dense > 1e-10 * dense.max()]
+    assert 0 < excited.numel() < dense.numel()  # some directions are not excited: the exclusion is tested
+    post = cv.LaplacePosterior(model, factors, lik)
+    shape = cv.spectral_shape(post)
+    assert shape == pytest.approx(1.0 / float(excited.median()), rel=1e-9)
+    assert abs(int((shape * excited >= 1 - 1e-9).sum()) - excited.numel() / 2) <= 1
+
+
+def test_mutual_information_of_a_narrow_posterior_is_not_round_off():
+    """Float32 logits and covariances scaled down to 1e-12: the mutual information stays the small-variance
+    limit, linear in the scale (½ tr of the softmax Fisher times the covariance, to first order), so it ranks
+    inputs as a broader posterior of the same shape does. Computed in float32 it would be the difference of two
+    equal entropies (round-off, often zero)."""
+    from curvature.predictive import glm_features, glm_summary, regression_summary
+
+    post, x_val, _ = classification_validation()
+    feats = glm_features(post, x_val)
+    f = feats.f.float()
+    cov = cv.predictive.glm_covariance(post, feats).float()
+    base = glm_summary(post, f, cov * 1e-6, 64, 0)["mutual_information"].double() / 1e-6
+    for scale in (1e-9, 1e-12):
+        mi = glm_summary(post, f, cov * scale, 64, 0)["mutual_information"].double() / scale
+        assert mi.dtype == torch.float64 and bool((mi > 0).all())
+        torch.testing.assert_close(mi, base, rtol=2e-3, atol=0)
+    mean = torch.zeros(3, 2)
+    epistemic = torch.full((3, 2), 1e-9)
+    mi = regression_summary(mean, epistemic, sigma=1.0)["mutual_information"]
+    torch.testing.assert_close(mi, torch.full((3,), 1e-9), rtol=1e-6, atol=0)
+
+
 def test_fast_tuner_scores_classification_candidates_as_fresh_predictions():
     """Every candidate's NLL equals a fresh ``post.predict`` of a posterior set to it (same seed, same samples)."""
     post, x_val, y_val = classification_validation()
