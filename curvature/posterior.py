@@ -283,7 +283,8 @@ class LaplacePosterior:
         for name, block in self.blocks.items():
             lam = self.eigenvalues(name)
             z = torch.randn(k, *lam.shape, dtype=lam.dtype, device=lam.device, generator=generator)
-            out[name] = block.mean + block.from_eigenbasis(z / lam.sqrt())
+            w = block.from_eigenbasis(z.mul_(lam.rsqrt()))  # in place: k draws of a large layer are large
+            out[name] = w.add_(block.mean)
         return out
 
     def cached_samples(self, k: int, seed: int, max_bytes: int) -> dict[str, Tensor]:

@@ -76,10 +76,15 @@ def weight_samples(post, k: int, seed: int) -> dict[str, Tensor]:
 # -------------------------------------------------------------------------------------------------- MC
 def mc_outputs(post, x: Tensor, samples: int, seed: int) -> Tensor:
     """Network outputs under ``samples`` posterior weight draws: (K, B, C)."""
-    weights = weight_samples(post, samples, seed)
+    return outputs_under(post, weight_samples(post, samples, seed), x)
+
+
+def outputs_under(post, weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Network outputs under the given weight sets ``{layer: (K, out, in+1)}``: (K, B, C), in chunks of sets."""
+    k = next(iter(weights.values())).shape[0]
     chunk = max(1, _ACTIVATION_BUDGET // max(1, _widest(post, x.shape[0])))
     outs = []
-    for i in range(0, samples, chunk):
+    for i in range(0, k, chunk):
         outs.append(batched_forward(post, {n: w[i : i + chunk] for n, w in weights.items()}, x))
     return torch.cat(outs, 0)
 

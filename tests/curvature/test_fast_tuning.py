@@ -401,3 +401,27 @@ def test_mc_narrowing_rescales_the_kept_draws():
     ref = fresh.predict(x_val, samples=16, predictive="mc")
     torch.testing.assert_close(out["probs"], ref["probs"], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out["probs"], post.model(x_val).softmax(-1), atol=1e-3), "no weight noise left"
+
+
+def test_mc_narrowing_probes_with_a_few_draws_before_running_them_all():
+    """The first few draws, run alone, find the narrowing where the full set is first run: when the posterior must
+    be narrowed several times, the full set runs once or twice (not once per step), and the result is still the
+    narrowed posterior's own MC predictive."""
+    from curvature.laplace import _narrow_until_accurate
+
+    model, x, y = _trained_blob_model()
+    lik = cv.CrossEntropy()
+    factors = cv.fit_kronecker(model, (x, y), lik, method="kflr")
+    post = cv.LaplacePosterior(model, factors, lik, n_eff=1.0, prior_precision=1e-5)
+    x_val, y_val = _blobs(300, 1)
+    full_passes = []
+    predict = post.predict
+    post.predict = lambda *a, **k: full_passes.append(1) or predict(*a, **k)
+    out = _narrow_until_accurate(post, x_val, y_val, samples=40, probes=8)
+    narrowed = post.metadata.get("mc_narrowed", 1)
+    assert narrowed >= 100, f"narrowed only ×{narrowed}: the test needs several steps"
+    assert len(full_passes) <= 2
+    fresh = cv.LaplacePosterior(model, factors, lik, n_eff=post.n_eff, prior_precision=post.prior_precision)
+    torch.testing.assert_close(
+        out["probs"], fresh.predict(x_val, samples=40, predictive="mc")["probs"], rtol=1e-4, atol=1e-5
+    )
