@@ -323,7 +323,7 @@ def fit_laplace(
     # costs nothing more (the linearised predictive on the validation set is a by-product of tuning); MC weight
     # sampling (K sampled networks, the weight draws alone cost more than the whole default fit) is calibrated
     # only for fits configured for it. Fits without validation tuning calibrate both.
-    if cfg.predictive == "mc" and tuning == "validation" and cfg.likelihood == "classification":
+    if cfg.predictive == "mc" and tuning == "validation":
         calibration["mc"] = _narrow_until_accurate(post, x_val, y_val.to(x_val.device), cfg.samples)
         if "glm" in calibration and post.metadata.get("mc_narrowed"):  # tuning's summary is stale
             del calibration["glm"]
@@ -355,37 +355,54 @@ def _max_norm(x: Tensor, batch_size: int = 4096) -> float:
 
 
 def _narrow_until_accurate(
-    post: LaplacePosterior, x_val: Tensor, y_val: Tensor, samples: int, tries: int = 3, probes: int = 10
+    post: LaplacePosterior, x_val: Tensor, y_val: Tensor, samples: int, tries: int = 6, probes: int = 10
 ):
-    """MC over weights of the tuned posterior on the validation set, narrowed ×10 at a time while it costs accuracy.
+    """MC over weights of the tuned posterior on the validation set, narrowed ×10 at a time while it loses to the
+    network.
 
-    The hyper-parameters are tuned on the linearised network; sampled *networks* can lose accuracy where the
-    linearisation does not. While the MC validation accuracy is more than one validation example below the
-    network's own, every precision (``N_eff``, ``τ``, ``τ₀``) is multiplied by 10 (covariance ÷ 10), at most
-    ``tries`` times. Every precision ×10 scales each draw's offset from the mean by 1/√10 (same normals, same
-    seed), so the ``samples`` draws are made once and rescaled. The first ``probes`` of them, run alone at each
-    narrowing, pick where the full set is first run (about a tenth of a full pass each); the full set then
-    confirms, and narrows on if it must. Returns the final MC predictive on the validation set (reused for OOD
-    calibration).
+    The hyper-parameters are tuned on the linearised network; sampled *networks* can be far worse where the
+    linearisation is not (saturating units, ReLU kinks). While the MC predictive loses to the network itself on
+    the validation set (classification: an accuracy more than one validation example below the network's;
+    regression: a Gaussian NLL above the network's with the noise variance alone), every precision (``N_eff``,
+    ``τ``, ``τ₀``) is multiplied by 10 (covariance ÷ 10), at most ``tries`` times. Every precision ×10 scales
+    each draw's offset from the mean by 1/√10 (same normals, same seed), so the ``samples`` draws are made once
+    and rescaled. The first ``probes`` of them, run alone at each narrowing, pick where the full set is first
+    run (about a tenth of a full pass each); the full set then confirms, and narrows on if it must. Returns the
+    final MC predictive on the validation set (reused for OOD calibration).
     """
+    from .metrics import nll_gaussian
     from .predictive import outputs_under, weight_samples
 
+    regression = isinstance(post.likelihood, Gaussian)
     with torch.no_grad():
-        logits = torch.cat([post.model(x_val[i : i + 1024]) for i in range(0, len(x_val), 1024)])
-    target = float((logits.argmax(-1) == y_val).double().mean()) - 1.0 / len(y_val) - 1e-12
+        f0 = torch.cat([post.model(x_val[i : i + 1024]) for i in range(0, len(x_val), 1024)])
+    if regression:
+        f0 = f0.reshape(len(x_val), -1)
+        noise = post.likelihood.sigma**2
+        target = nll_gaussian(f0, torch.full_like(f0, noise), y_val)
+    else:
+        target = float((f0.argmax(-1) == y_val).double().mean()) - 1.0 / len(y_val) - 1e-12
+
+    def accurate(out: dict[str, Tensor]) -> bool:
+        if regression:
+            return nll_gaussian(out["mean"], out["variance"], y_val) <= target
+        return float((out["probs"].argmax(-1) == y_val).double().mean()) >= target
+
+    def summary(outs: Tensor) -> dict[str, Tensor]:
+        if regression:
+            outs = outs.reshape(outs.shape[0], len(x_val), -1)
+            return {"mean": outs.mean(0), "variance": outs.var(0, unbiased=False) + noise}
+        return {"probs": outs.softmax(-1).mean(0)}
+
     seed = int(post.metadata.get("seed", 0))
     draws = weight_samples(post, samples, seed)
     means = {name: b.mean for name, b in post.blocks.items()}
-
-    def accurate(probs: Tensor) -> bool:
-        return float((probs.argmax(-1) == y_val).double().mean()) >= target
-
     start = 0
     if 0 < probes < samples:
         head = {name: w[:probes] - means[name] for name, w in draws.items()}
         while start < tries:
             scaled = {name: means[name] + d * 10 ** (-start / 2) for name, d in head.items()}
-            if accurate(outputs_under(post, scaled, x_val).softmax(-1).mean(0)):
+            if accurate(summary(outputs_under(post, scaled, x_val))):
                 break
             start += 1
     key = (samples, seed)
@@ -395,7 +412,7 @@ def _narrow_until_accurate(
             jump = start - step  # where the probes passed (or gave up): no full pass before it
         else:
             out = post.predict(x_val, samples=samples, predictive="mc")
-            if accurate(out["probs"]) or step >= tries:
+            if accurate(out) or step >= tries:
                 return out
             jump = 1
         factor = 10**jump

@@ -13,6 +13,7 @@ variance, KF or dense. What holds across seeds and training lengths with standar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -130,3 +131,25 @@ def test_kf_is_wider_near_the_data_and_narrower_far_away(fit):
     assert near > 1.5, near
     assert far < 0.2, far
     assert math.isfinite(near) and math.isfinite(far)
+
+
+def test_mc_regression_fit_is_narrowed_until_it_does_not_lose_to_the_network(fit):
+    """A regression fit with the MC predictive: the posterior is tuned on the linearised network, whose variance
+    a sampled tanh network does not share; the fit narrows it until the MC predictive's validation NLL is no worse
+    than the network's own (noise variance alone), and calibrates its OOD thresholds on that predictive."""
+    x_val, y_val = toy_regression(20, seed=1)
+    x_val, y_val = x_val.to(DTYPE), y_val.to(DTYPE) / float(toy_regression(20, seed=0)[1].std())
+    sigma = fit.post.likelihood.sigma
+    cfg = cv.LaplaceConfig(curvature="kflr", likelihood="regression", predictive="mc", samples=200, sigma=sigma)
+    post = cv.fit_laplace(fit.model, fit.x, fit.y, x_val, y_val, cfg)
+    out = post.predict(x_val, samples=200, predictive="mc")
+    with torch.no_grad():
+        f = fit.model(x_val)
+    network = cv.nll_gaussian(f, torch.full_like(f, sigma**2), y_val)
+    assert cv.nll_gaussian(out["mean"], out["variance"], y_val) <= network
+    assert "mc" in post.ood_table
+    tuned = cv.fit_laplace(fit.model, fit.x, fit.y, x_val, y_val, dataclasses.replace(cfg, predictive="glm"))
+    unnarrowed = tuned.predict(x_val, samples=200, predictive="mc")
+    assert cv.nll_gaussian(unnarrowed["mean"], unnarrowed["variance"], y_val) > network  # the narrowing is needed
+    assert post.metadata["mc_narrowed"] >= 10
+    assert post.n_eff == pytest.approx(tuned.n_eff * post.metadata["mc_narrowed"], rel=1e-9)
