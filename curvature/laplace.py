@@ -43,7 +43,7 @@ class LaplaceConfig:
     * ``predictive="glm"``: the linearised predictive. Tuning it costs a re-weighting of features computed once
       (:func:`~curvature.tuning.tune_linearised`), its mean logits are the network's, and it does not lose the
       accuracy that sampled networks lose; MC weight sampling stays available (tuned the same way, then narrowed
-      while its validation accuracy is below the network's).
+      while it loses to the network on validation: accuracy for classification, NLL for regression).
     * ``ood_score="mutual_information"``: the epistemic part of the predictive entropy; on every network and
       OOD kind of the quality benchmark its AUROC is at least that of the total entropy.
     * ``tuning="validation"`` with ``tune_shape="spectrum"``: the ratio ``N_eff/τ`` (the posterior's shape) is
