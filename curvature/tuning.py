@@ -326,10 +326,10 @@ def _search_grid(nll, best_point, log10_n_ratio, log10_prior, points, max_growth
     return at_edge
 
 
-def _search_ray(nll, best_tau, log10_prior, max_growth: int, step: float = 0.5) -> bool:
+def _search_ray(nll, best_tau, log10_prior, max_growth: int, step: float = 0.5) -> None:
     """Steps 1-2 of :func:`tune_linearised` along ``log10 τ`` alone (``nll(log10 τ)``, ``best_tau()``): a grid of
     ``step`` that grows by one step past an edge while the best sits on it (``max_growth`` per side), then the
-    neighbours of the best at ``step/2`` and ``step/4``. Returns whether the grown grid's best sat on its edge."""
+    neighbours of the best at ``step/2`` and ``step/4``."""
     lo, hi = log10_prior
     taus = [float(v) for v in np.arange(lo, hi + step / 2, step)]
     for t in taus:
@@ -347,13 +347,10 @@ def _search_ray(nll, best_tau, log10_prior, max_growth: int, step: float = 0.5) 
             nll(taus[-1])
         else:
             break
-    t = best_tau()
-    at_edge = abs(t - taus[0]) < 1e-9 or abs(t - taus[-1]) < 1e-9
     for d in (step / 2, step / 4):
         t = best_tau()
         nll(t - d)
         nll(t + d)
-    return at_edge
 
 
 def tune_linearised(
@@ -515,11 +512,12 @@ def tune_linearised(
         (r, t, _), v = min(((k, v) for k, v in scores.items() if k[2] is None), key=lambda kv: (kv[1], kv[0]))
         return v, r, t
 
+    at_edge = False
     if shape is None:
         at_edge = _search_grid(nll, best_point, log10_n_ratio, log10_prior, points, max_growth, refine_steps)
     else:
         ray = math.log10(shape / n_data)  # log10(N_eff/N) = ray + log10(τ) on the ray
-        at_edge = _search_ray(lambda t: nll(ray + t, t), lambda: best_point()[2], log10_prior, 4 * max_growth)
+        _search_ray(lambda t: nll(ray + t, t), lambda: best_point()[2], log10_prior, 4 * max_growth)
     value, r_best, t_best = best_point()
     if not math.isfinite(value):
         raise ValueError("Validation NLL is not finite for any hyper-parameter candidate.")
