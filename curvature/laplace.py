@@ -282,9 +282,13 @@ def fit_laplace(
             if cfg.likelihood == "classification":
                 # the predictive may not cost accuracy: at most one tuning example below the network's own
                 min_accuracy = float((tuned_x.argmax(-1) == tuned_y).double().mean()) - 1.0 / len(tuned_y) - 1e-12
-            shape = spectral_shape(post) if cfg.tune_shape == "spectrum" else None
-            if shape is not None:
-                post.metadata["shape"] = shape  # N_eff/τ, from the curvature's spectrum
+            shape = None
+            if cfg.tune_shape == "spectrum":
+                try:
+                    shape = spectral_shape(post)  # N_eff/τ, from the curvature's spectrum
+                    post.metadata["shape"] = shape
+                except ValueError:  # no excited direction to read it from: search it on validation data
+                    post.metadata["tuning_note"] = "the curvature excites no direction: shape tuned on validation"
             result = tune_linearised(
                 post,
                 x_val,

@@ -425,3 +425,20 @@ def test_mc_narrowing_probes_with_a_few_draws_before_running_them_all():
     torch.testing.assert_close(
         out["probs"], fresh.predict(x_val, samples=40, predictive="mc")["probs"], rtol=1e-4, atol=1e-5
     )
+
+
+def test_a_curvature_that_excites_nothing_falls_back_to_searching_the_shape():
+    """A saturated softmax has an output Hessian of exactly zero, so no direction is excited and no shape can be
+    read from the spectrum: ``spectral_shape`` says so, and the default fit searches the shape on validation data
+    instead of failing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([1000.0, 0.0]))
+    x, y = torch.randn(50, 4), torch.zeros(50, dtype=torch.long)
+    factors = cv.fit_kronecker(model, (x, y), cv.CrossEntropy(), method="kflr")
+    with pytest.raises(ValueError, match="excites no direction"):
+        cv.spectral_shape(cv.LaplacePosterior(model, factors, cv.CrossEntropy()))
+    post = cv.fit_laplace(model, x, y, x[:20], y[:20])
+    assert "shape" not in post.metadata and "no direction" in post.metadata["tuning_note"]
+    assert bool(torch.isfinite(post.predict(x[:5])["probs"]).all())
