@@ -442,3 +442,17 @@ def test_a_curvature_that_excites_nothing_falls_back_to_searching_the_shape():
     post = cv.fit_laplace(model, x, y, x[:20], y[:20])
     assert "shape" not in post.metadata and "no direction" in post.metadata["tuning_note"]
     assert bool(torch.isfinite(post.predict(x[:5])["probs"]).all())
+
+
+def test_mc_fits_give_never_excited_directions_the_layers_prior():
+    """A feature the training data never vary (a null column) gets the broader null-space prior in a fit with the
+    linearised predictive, and the layer's own τ in an MC fit, whose sampled networks are not linear there."""
+    model, x, y = _trained_blob_model()
+    x, (xv, yv) = x.clone(), _blobs(300, 1)
+    x[:, 4], xv = 0.0, xv.clone()
+    xv[:, 4] = 0.0
+    glm = cv.fit_laplace(model, x, y, xv, yv, cv.LaplaceConfig(curvature="kflr"))
+    assert glm.null_prior, "the linearised fit chose no null-space prior: the test would be void"
+    assert min(glm.null_prior.values()) < min(glm.prior_precision.values())
+    mc = cv.fit_laplace(model, x, y, xv, yv, cv.LaplaceConfig(curvature="kflr", predictive="mc", samples=20))
+    assert mc.null_prior == {} and mc.metadata["null_prior"] is None
