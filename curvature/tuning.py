@@ -442,7 +442,10 @@ def tune_linearised(
     spectral = None
     if post.damping == "exact":
         spectral = SpectralCovariance(post, feats, split_null=null_prior and has_null, interpolate=interpolate)
-    expected = points * points + 8 * refine_steps if shape is None else 21
+    if shape is None:
+        expected = points * points + 8 * refine_steps
+    else:  # the ray's initial half-decade grid and its four refinements
+        expected = round((log10_prior[1] - log10_prior[0]) / 0.5) + 1 + 4
     expected += null_decades if null_prior and has_null else 0
 
     def prior_of(log_tau: float, log_null: float | None) -> dict[str, float | Tensor]:
