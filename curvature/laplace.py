@@ -70,10 +70,14 @@ class LaplaceConfig:
       optimum. Taking the broadest everywhere costs calibration (test ECE of the tanh MLP 0.057 against 0.041);
       taking the optimum everywhere let the benchmark CNN, whose validation NLL is flat, run to ``τ = 1e10``,
       where its AUROC on noise fell below MAP's. ``None``: always the optimum.
-    * ``calibration_tolerance=None``: the optional rule "within this relative tolerance of the best NLL, the
-      candidate whose mean confidence is closest to its accuracy". On a CNN already underconfident on
-      validation it takes the narrowest candidate there is (``τ`` at the end of the grown range), so it is off
-      by default.
+    * ``back_off=True``: the broad choices (the rule above, the null-space prior) step one grid step back
+      inside what validation accepts: half a decade of ``τ``, one decade of ``τ₀``. At the edge itself
+      validation NLL is about to turn, and other data often disagree: on three retrained LeNets, three tanh
+      MLPs and two 784-256-256-10 MLPs (500 test digits each), the edge cost one LeNet +0.009 test NLL, +0.014
+      ECE and 0.024 of noise AUROC against the network (its broadest ``τ`` and ``τ₀`` were each next to
+      candidates that lost validation accuracy); one step back, test NLL is lower on all eight and on the
+      quality benchmark's three networks, and every network still gains AUROC on every OOD set (+0.014 or
+      more).
     """
 
     curvature: Curvature = DEFAULT_CURVATURE
@@ -96,6 +100,7 @@ class LaplaceConfig:
     tune_shape: TuningShape = TuningShape.spectrum
     calibration_tolerance: float | None = None
     broad_tolerance: float | None = 0.005
+    back_off: bool = True
     sigma: float | None = None
 
     def __post_init__(self) -> None:
@@ -312,6 +317,7 @@ def fit_laplace(
                 rows=rows,
                 shape=shape,
                 progress=tune_progress,
+                back_off=cfg.back_off,
             )
             post.metadata["link"] = result.link
             post.metadata["null_prior"] = result.null_prior

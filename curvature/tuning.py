@@ -377,6 +377,7 @@ def tune_linearised(
     interpolate: bool = True,
     shape: float | None = None,
     progress: Callable[[float, str], None] | None = None,
+    back_off: bool = False,
 ) -> TuningResult:
     """Validation-NLL tuning of ``(N_eff, τ)`` and the null-space prior ``τ₀`` with the linearised predictive.
 
@@ -424,6 +425,11 @@ def tune_linearised(
         rows: indices of the validation inputs the candidates are scored on (default: all). The returned
             ``summary`` covers every input, e.g. to calibrate OOD thresholds on all of them.
         interpolate: score candidates on the interpolated covariance (exact: ``False``).
+        back_off: where a broad choice stops at a rejected candidate, step one grid step back inside the
+            accepted region: half a decade of ``τ`` from the broad rule's choice on the ray (when that candidate
+            is still within ``broad_tolerance`` of the best), one decade of ``τ₀`` from the broadest accepted
+            null-space prior (none when only ``τ/10`` was accepted). A choice on the edge of what validation
+            accepts sits where validation NLL turns, the estimate least likely to hold on other data.
     """
     if len(x_val) == 0:
         raise ValueError("Validation tuning needs at least one validation input.")
@@ -548,7 +554,17 @@ def tune_linearised(
             if k[2] is None and k in spreads and math.isfinite(v) and v <= value + broad_tolerance * abs(value)
         ]
         if near:
+            ceiling = value + broad_tolerance * abs(value)
             _, value, (r_best, t_best, _) = min(near)
+            if back_off and shape is not None:
+                # one half-decade step inside the accepted stretch of the ray, when a broader candidate was
+                # rejected (not merely unexplored): validation NLL next to where it turns is the least reliable
+                rejected = [k for k, v in scores.items() if k[2] is None and k[1] < t_best - 1e-9]
+                if rejected:
+                    t_back = t_best + 0.5
+                    v_back = nll(ray + t_back, t_back)
+                    if v_back <= ceiling:
+                        value, r_best, t_best = v_back, ray + t_back, t_back
 
     if shape is not None:
         explored = [k[1] for k in scores if k[2] is None]
@@ -560,6 +576,10 @@ def tune_linearised(
         for k in range(1, null_decades + 1):
             candidate = t_best - k
             if not nll(r_best, t_best, candidate) <= value + null_tolerance * abs(value):
+                if back_off and k > 1:  # one decade back from the rejected candidate's neighbour
+                    kept = candidate + 2 if k > 2 else None
+                    chosen_null = None if kept is None else 10.0**kept
+                    chosen_key = (round(r_best, 9), round(t_best, 9), None if kept is None else round(kept, 9))
                 break
             chosen_null = 10.0**candidate
             chosen_key = (round(r_best, 9), round(t_best, 9), round(candidate, 9))

@@ -288,6 +288,55 @@ def test_null_prior_is_the_broadest_within_tolerance():
         assert result.null_prior < result.prior_precision
 
 
+def test_back_off_takes_one_grid_step_inside_what_validation_accepts():
+    """On the ray, the broad rule's choice moves half a decade narrower (still within the tolerance of the best);
+    the null-space prior one decade back from the broadest accepted value; with nothing rejected beyond them
+    (the decade limit reached) neither moves."""
+    problem = GLMRegressionProblem("kron", -1.2, 0.2)
+    shape = N_DATA * 10.0 ** (-1.2 - 0.2)
+    optimum = cv.tune_linearised(problem.post, problem.x, problem.y, null_prior=False, shape=shape)
+    tolerance = 1.5 * (problem.nll(-12.0, 12.0) - optimum.objective) / abs(optimum.objective)
+    ceiling = optimum.objective + tolerance * abs(optimum.objective)
+    runs = {}
+    for back_off in (False, True):
+        p = GLMRegressionProblem("kron", -1.2, 0.2)
+        runs[back_off] = cv.tune_linearised(
+            p.post, p.x, p.y, null_prior=False, shape=shape, broad_tolerance=tolerance, back_off=back_off
+        )
+    edge, inside = (math.log10(runs[b].prior_precision) for b in (False, True))
+    assert inside == pytest.approx(edge + 0.5)
+    assert problem.nll(math.log10(runs[True].n_eff / N_DATA), inside) <= ceiling
+    assert any(h["nll"] > ceiling and h["log10_prior"] < edge for h in runs[True].history)  # one was rejected
+
+    for amplitude, moved in ((0.1, "one decade"), (0.01, "to the layer's prior")):
+        # validation inputs that touch the features training never varied: a broad enough τ₀ gets rejected
+        nulls = {}
+        for back_off in (False, True):
+            model, x, y = _null_problem()
+            factors = cv.fit_kronecker(model, (x[:150], y[:150]), cv.CrossEntropy(), method="kflr")
+            post = cv.LaplacePosterior(model, factors, cv.CrossEntropy())
+            x_val = x[150:].clone()
+            gen = torch.Generator().manual_seed(5)
+            x_val[:, 3:] = amplitude * torch.randn(50, 2, generator=gen, dtype=torch.float64)
+            nulls[back_off] = cv.tune_linearised(post, x_val, y[150:], samples=16, back_off=back_off)
+        plain, backed = nulls[False], nulls[True]
+        tau = math.log10(plain.prior_precision)
+        assert backed.prior_precision == plain.prior_precision and plain.null_prior is not None
+        accepted = math.log10(plain.null_prior)
+        tried = [h["log10_null_prior"] for h in plain.history if "log10_null_prior" in h]
+        assert min(tried) == pytest.approx(accepted - 1)  # the next decade was tried and rejected
+        if moved == "one decade":
+            assert accepted <= tau - 2 and math.log10(backed.null_prior) == pytest.approx(accepted + 1)
+        else:
+            assert accepted == pytest.approx(tau - 1) and backed.null_prior is None
+    for limit in (2, 1):  # validation blind to those features: the decade limit, not a rejection, stops the search
+        model, x, y = _null_problem()
+        factors = cv.fit_kronecker(model, (x[:150], y[:150]), cv.CrossEntropy(), method="kflr")
+        post = cv.LaplacePosterior(model, factors, cv.CrossEntropy())
+        capped = cv.tune_linearised(post, x[150:], y[150:], samples=16, back_off=True, null_decades=limit)
+        assert capped.null_prior == pytest.approx(capped.prior_precision * 10.0**-limit)
+
+
 # ---------------------------------------------------------------------------- the fit: timings, reuse, FPR
 
 
