@@ -11,10 +11,13 @@ re-serialised as an uncompressed ``.npz`` and that is what the store keeps.
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from app.domain.errors import InvalidInput, PayloadTooLarge
 
@@ -65,6 +68,51 @@ class Dataset:
         return buf.getvalue()
 
 
+def read_npy_header(buf: BinaryIO, code: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from an ``.npy`` stream's header (version 1.0 or 2.0), leaving ``buf`` at
+    the array data. Nothing is allocated from what the header declares.
+
+    Raises:
+        InvalidInput: (with ``code``) whatever numpy's header parser rejects, however it fails (its tokenizer
+            and literal evaluator raise more than ``ValueError`` on hostile bytes), or a negative dimension.
+    """
+    try:
+        version = npy_format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(buf)
+        else:
+            raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
+    except Exception as exc:  # noqa: BLE001  (untrusted bytes: any failure of the parser is a bad header)
+        raise InvalidInput(f"unreadable .npy header: {type(exc).__name__}: {exc}", code=code) from exc
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"the .npy header declares a negative dimension: {list(shape)}", code=code)
+    return shape, fortran, dtype
+
+
+def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """A member's ``.npy`` header, checked against the member's declared size before numpy reads it."""
+    try:
+        member = archive.open(info)
+    except (RuntimeError, NotImplementedError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InvalidInput(f"unreadable member {info.filename!r}: {exc}", code="invalid_npz") from exc
+    with member:
+        shape, _, dtype = read_npy_header(member, code="invalid_npz")
+        if dtype.hasobject:
+            raise InvalidInput(
+                "the .npz holds object (pickled) arrays; only numeric arrays are accepted", code="pickled_data"
+            )
+        declared = member.tell() + math.prod(shape) * dtype.itemsize
+    if declared != info.file_size:
+        raise InvalidInput(
+            f"member {info.filename!r} declares shape {list(shape)} of {dtype} ({declared} bytes with its header)"
+            f" but holds {info.file_size} bytes",
+            code="invalid_npz",
+            detail={"member": info.filename, "shape": list(shape), "dtype": str(dtype)},
+        )
+
+
 def _inspect_archive(data: bytes, max_bytes: int) -> None:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -92,6 +140,8 @@ def _inspect_archive(data: bytes, max_bytes: int) -> None:
                 f"the dataset holds {total} bytes uncompressed, over the limit of {max_bytes}",
                 detail={"uncompressed_bytes": total, "limit_bytes": max_bytes},
             )
+        for info in archive.infolist():
+            _check_member(archive, info)
     if "x" not in names:
         raise InvalidInput("the .npz lacks array x", code="invalid_npz")
     if "y" in names and ("x_val" in names) != ("y_val" in names):
@@ -171,8 +221,8 @@ def parse_npz(data: bytes, max_bytes: int) -> Dataset:
                 "the .npz holds object (pickled) arrays; only numeric arrays are accepted", code="pickled_data"
             ) from exc
         raise InvalidInput(f"unreadable .npz: {exc}", code="invalid_npz") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InvalidInput(f"unreadable .npz: {exc}", code="invalid_npz") from exc
+    except Exception as exc:  # noqa: BLE001  (corrupt members: zlib, CRC, truncated data, ...)
+        raise InvalidInput(f"unreadable .npz: {type(exc).__name__}: {exc}", code="invalid_npz") from exc
 
     x = _as_inputs("x", raw["x"])
     if x.shape[0] == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -80,6 +81,41 @@ def _npz(**arrays: object) -> bytes:
     return buf.getvalue()
 
 
+def _npy_bytes(x: np.ndarray, shape_text: bytes | None = None) -> bytes:
+    """``np.save`` bytes of ``x``, the header's shape text optionally replaced (same length or not)."""
+    buf = io.BytesIO()
+    np.save(buf, x)
+    raw = buf.getvalue()
+    return raw if shape_text is None else raw.replace(str(x.shape).encode(), shape_text, 1)
+
+
+def _raw_npz(members: dict[str, bytes], compressed: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(f"{name}.npy", data)
+    return buf.getvalue()
+
+
+def _corrupt_deflate() -> bytes:
+    data = bytearray(
+        _raw_npz({"x": _npy_bytes(np.arange(4000.0).reshape(1000, 4)), "y": _npy_bytes(np.arange(1000))}, True)
+    )
+    middle = len(data) // 3
+    data[middle : middle + 16] = bytes(range(16))
+    return bytes(data)
+
+
+def _encrypted_flag() -> bytes:
+    data = bytearray(_raw_npz({"x": _npy_bytes(np.ones((2, 2))), "y": _npy_bytes(np.arange(2))}))
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        at = data.find(signature)
+        while at >= 0:
+            data[at + flag_at] |= 1
+            at = data.find(signature, at + 4)
+    return bytes(data)
+
+
 def _upload_model(client: httpx.Client, data: bytes, name: str = "m.onnx", headers=A, **form: str):
     return client.post("/v1/models", files={"file": (name, data)}, data=form, headers=headers)
 
@@ -148,6 +184,19 @@ BAD_DATASETS = {
     "val without y_val": lambda: _npz(x=np.ones((2, 2)), y=np.arange(2), x_val=np.ones((1, 2))),
     "val shape mismatch": lambda: _npz(x=np.ones((2, 2)), y=np.arange(2), x_val=np.ones((1, 3)), y_val=np.arange(1)),
     "empty": lambda: _npz(x=np.ones((0, 2)), y=np.zeros(0, dtype=np.int64)),
+    # hostile member headers and archives: numpy's header parser and zlib fail in ways other than ValueError
+    "unclosed header": lambda: _raw_npz({"x": _npy_bytes(np.ones((4, 3)), b"(4, 3("), "y": _npy_bytes(np.arange(4))}),
+    "header expression": lambda: _raw_npz(
+        {"x": _npy_bytes(np.ones((4, 3)), b"(4*1, 3)"), "y": _npy_bytes(np.arange(4))}
+    ),
+    "header claims 10^13 rows": lambda: _raw_npz(
+        {"x": _npy_bytes(np.ones((4, 3)), b"(9999999999999, 3)"), "y": _npy_bytes(np.arange(4))}
+    ),
+    "negative dimension": lambda: _raw_npz(
+        {"x": _npy_bytes(np.ones((0, 3)), b"(0, -3)"), "y": _npy_bytes(np.arange(0))}
+    ),
+    "corrupt deflate stream": _corrupt_deflate,
+    "encrypted members": _encrypted_flag,
 }
 
 
@@ -192,6 +241,11 @@ def test_predict_input_validation(client: httpx.Client, tiny_onnx: bytes, data_d
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     _assert_error(client.post(url, content=buf.getvalue(), headers=npy), 422, "invalid_npy")
+    for shape_text, x in (
+        (b"(1, 784(", np.zeros((1, 784), np.float32)),
+        (b"(0, -784)", np.zeros((0, 784), np.float32)),
+    ):
+        _assert_error(client.post(url, content=_npy_bytes(x, shape_text), headers=npy), 422, "invalid_npy")
     _assert_error(client.post(url, content=b"{not json", headers={**A, "Content-Type": "application/json"}), 422)
     _assert_error(client.post(url, content=b"a,b", headers={**A, "Content-Type": "text/csv"}), 415)
     _assert_error(client.post(url, json={"inputs": [row]}, headers=A), 409, "no_fit")

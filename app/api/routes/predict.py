@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from numpy.lib import format as npy_format
 from pydantic import ValidationError
 
 from app.api.deps import ServicesDep, TenantDep
@@ -31,6 +30,7 @@ from app.api.predictor import PredictOptions
 from app.api.schemas import MAX_SAMPLES, PredictOptionsIn, PredictRequest, PredictResponse, error_responses
 from app.api.services import Services
 from app.domain.catalog import FitRecord, ModelRecord
+from app.domain.datasetio import read_npy_header
 from app.domain.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType
 from curvature.options import MAX_SEED, OodScore, Predictive
 
@@ -96,16 +96,7 @@ def read_npy(body: bytes, max_inputs: int) -> np.ndarray:
             more inputs than ``max_inputs``.
     """
     buf = io.BytesIO(body)
-    try:
-        version = npy_format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = npy_format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = npy_format.read_array_header_2_0(buf)
-        else:
-            raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
-    except (ValueError, SyntaxError, EOFError, OSError) as exc:
-        raise InvalidInput(f"unreadable .npy body: {exc}", code="invalid_npy") from exc
+    shape, fortran, dtype = read_npy_header(buf, code="invalid_npy")
     if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "fiub":
         raise InvalidInput(f"the .npy array must hold plain numbers, not {dtype}", code="invalid_npy")
     if shape and shape[0] > max_inputs:
