@@ -340,7 +340,9 @@ def fit_laplace(
     # sampling (K sampled networks, the weight draws alone cost more than the whole default fit) is calibrated
     # only for fits configured for it. Fits without validation tuning calibrate both.
     if cfg.predictive == "mc" and tuning == "validation":
-        calibration["mc"] = _narrow_until_accurate(post, x_val, y_val.to(x_val.device), cfg.samples)
+        calibration["mc"] = _narrow_until_accurate(
+            post, x_val, y_val.to(x_val.device), cfg.samples, progress=lambda f, m: report(0.9 + 0.08 * f, m)
+        )
         if "glm" in calibration and post.metadata.get("mc_narrowed"):  # tuning's summary is stale
             del calibration["glm"]
     others = tuple(p for p in Predictive if p != cfg.predictive)
@@ -371,7 +373,13 @@ def _max_norm(x: Tensor, batch_size: int = 4096) -> float:
 
 
 def _narrow_until_accurate(
-    post: LaplacePosterior, x_val: Tensor, y_val: Tensor, samples: int, tries: int = 6, probes: int = 10
+    post: LaplacePosterior,
+    x_val: Tensor,
+    y_val: Tensor,
+    samples: int,
+    tries: int = 6,
+    probes: int = 10,
+    progress: Callable[[float, str], None] | None = None,
 ):
     """MC over weights of the tuned posterior on the validation set, narrowed ×10 at a time while it loses to the
     network.
@@ -384,7 +392,8 @@ def _narrow_until_accurate(
     each draw's offset from the mean by 1/√10 (same normals, same seed), so the ``samples`` draws are made once
     and rescaled. The first ``probes`` of them, run alone at each narrowing, pick where the full set is first
     run (about a tenth of a full pass each); the full set then confirms, and narrows on if it must. Returns the
-    final MC predictive on the validation set (reused for OOD calibration).
+    final MC predictive on the validation set (reused for OOD calibration). ``progress(fraction, message)`` hears
+    of each stage.
     """
     from .metrics import nll_gaussian
     from .predictive import outputs_under, weight_samples
@@ -410,13 +419,16 @@ def _narrow_until_accurate(
             return {"mean": outs.mean(0), "variance": outs.var(0, unbiased=False) + noise}
         return {"probs": outs.softmax(-1).mean(0)}
 
+    report = progress or (lambda f, m: None)
     seed = int(post.metadata.get("seed", 0))
+    report(0.0, f"MC predictive: drawing {samples} networks")
     draws = weight_samples(post, samples, seed)
     means = {name: b.mean for name, b in post.blocks.items()}
     start = 0
     if 0 < probes < samples:
         head = {name: w[:probes] - means[name] for name, w in draws.items()}
         while start < tries:
+            report(0.5, f"MC predictive: {probes} probe networks on validation, covariance ÷ {10**start:g}")
             scaled = {name: means[name] + d * 10 ** (-start / 2) for name, d in head.items()}
             if accurate(summary(outputs_under(post, scaled, x_val))):
                 break
@@ -427,6 +439,7 @@ def _narrow_until_accurate(
         if step < start:
             jump = start - step  # where the probes passed (or gave up): no full pass before it
         else:
+            report(0.6, f"MC predictive: {samples} networks on validation, covariance ÷ {10**step:g}")
             out = post.predict(x_val, samples=samples, predictive="mc")
             if accurate(out) or step >= tries:
                 return out

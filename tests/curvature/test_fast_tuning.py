@@ -466,10 +466,16 @@ def test_mc_narrowing_probes_with_a_few_draws_before_running_them_all():
     full_passes = []
     predict = post.predict
     post.predict = lambda *a, **k: full_passes.append(1) or predict(*a, **k)
-    out = _narrow_until_accurate(post, x_val, y_val, samples=40, probes=8)
+    heard: list[tuple[float, str]] = []
+    out = _narrow_until_accurate(post, x_val, y_val, samples=40, probes=8, progress=lambda f, m: heard.append((f, m)))
     narrowed = post.metadata.get("mc_narrowed", 1)
     assert narrowed >= 100, f"narrowed only ×{narrowed}: the test needs several steps"
     assert len(full_passes) <= 2
+    # every stage is heard of, in order: the draws, each probe step, each full pass
+    assert heard[0][1] == "MC predictive: drawing 40 networks"
+    assert sum("8 probe networks" in m for _, m in heard) >= 3
+    assert sum("40 networks on validation" in m for _, m in heard) == len(full_passes)
+    assert [f for f, _ in heard] == sorted(f for f, _ in heard)
     fresh = cv.LaplacePosterior(model, factors, lik, n_eff=post.n_eff, prior_precision=post.prior_precision)
     torch.testing.assert_close(
         out["probs"], fresh.predict(x_val, samples=40, predictive="mc")["probs"], rtol=1e-4, atol=1e-5
