@@ -2,10 +2,11 @@
 
 An upload is a zip of ``.npy`` members named ``x``, ``y`` and optionally ``x_val``, ``y_val``; an unlabelled
 dataset (an autoencoder's, whose target is its input) holds only ``x`` and optionally ``x_val``. Before numpy
-touches it the archive is inspected (member names, declared uncompressed sizes, so a zip bomb is refused
-unopened); arrays are then read with ``allow_pickle=False`` (object arrays are refused) and converted to
-the canonical dtypes: ``x`` float32 and ``y`` int64 (labels) or float32 (targets). The canonical arrays are
-re-serialised as an uncompressed ``.npz`` and that is what the store keeps.
+touches it the archive is inspected: member names, declared uncompressed sizes (so a zip bomb is refused
+unopened), and each member's ``.npy`` header against the member's size (so no header makes numpy allocate).
+Arrays are then read with ``allow_pickle=False`` (object arrays are refused) and converted to the canonical
+dtypes: ``x`` float32 and ``y`` int64 (labels) or float32 (targets). The canonical arrays are re-serialised as
+an uncompressed ``.npz`` and that is what the store keeps.
 """
 
 from __future__ import annotations
