@@ -559,8 +559,7 @@ def tune_linearised(
             if back_off and shape is not None:
                 # one half-decade step inside the accepted stretch of the ray, when a broader candidate was
                 # rejected (not merely unexplored): validation NLL next to where it turns is the least reliable
-                rejected = [k for k, v in scores.items() if k[2] is None and k[1] < t_best - 1e-9]
-                if rejected:
+                if any(k[2] is None and k[1] < t_best - 1e-9 for k in scores):
                     t_back = t_best + 0.5
                     v_back = nll(ray + t_back, t_back)
                     if v_back <= ceiling:

@@ -272,10 +272,15 @@ def _null_problem():
     return model, x, y
 
 
-def test_null_prior_is_the_broadest_within_tolerance():
+def _null_posterior():
+    """:func:`_null_problem`'s KFLR posterior on its first 150 points, and the problem's inputs and labels."""
     model, x, y = _null_problem()
     factors = cv.fit_kronecker(model, (x[:150], y[:150]), cv.CrossEntropy(), method="kflr")
-    post = cv.LaplacePosterior(model, factors, cv.CrossEntropy())
+    return cv.LaplacePosterior(model, factors, cv.CrossEntropy()), x, y
+
+
+def test_null_prior_is_the_broadest_within_tolerance():
+    post, x, y = _null_posterior()
     result = cv.tune_linearised(post, x[150:], y[150:], samples=16, null_tolerance=0.005)
     nulls = [h for h in result.history if "log10_null_prior" in h]
     assert nulls, "the null-space prior was not searched"
@@ -312,9 +317,7 @@ def test_back_off_takes_one_grid_step_inside_what_validation_accepts():
         # validation inputs that touch the features training never varied: a broad enough τ₀ gets rejected
         nulls = {}
         for back_off in (False, True):
-            model, x, y = _null_problem()
-            factors = cv.fit_kronecker(model, (x[:150], y[:150]), cv.CrossEntropy(), method="kflr")
-            post = cv.LaplacePosterior(model, factors, cv.CrossEntropy())
+            post, x, y = _null_posterior()
             x_val = x[150:].clone()
             gen = torch.Generator().manual_seed(5)
             x_val[:, 3:] = amplitude * torch.randn(50, 2, generator=gen, dtype=torch.float64)
@@ -330,9 +333,7 @@ def test_back_off_takes_one_grid_step_inside_what_validation_accepts():
         else:
             assert accepted == pytest.approx(tau - 1) and backed.null_prior is None
     for limit in (2, 1):  # validation blind to those features: the decade limit, not a rejection, stops the search
-        model, x, y = _null_problem()
-        factors = cv.fit_kronecker(model, (x[:150], y[:150]), cv.CrossEntropy(), method="kflr")
-        post = cv.LaplacePosterior(model, factors, cv.CrossEntropy())
+        post, x, y = _null_posterior()
         capped = cv.tune_linearised(post, x[150:], y[150:], samples=16, back_off=True, null_decades=limit)
         assert capped.null_prior == pytest.approx(capped.prior_precision * 10.0**-limit)
 
