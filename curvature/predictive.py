@@ -175,7 +175,10 @@ def _logit_samples(mean: Tensor, cov: Tensor, samples: int, seed: int) -> Tensor
     # One set of K standard normals shared by every input (as the MC predictive shares its K weight samples), so
     # an input's prediction does not depend on the batch it arrives in or on its position there.
     gen = torch.Generator(device=mean.device).manual_seed(seed)
-    z = torch.randn(samples, c, dtype=mean.dtype, device=mean.device, generator=gen)
+    # In antithetic pairs (z, −z), as the weight samples (LaplacePosterior.sample): the first-order MC noise of
+    # the average cancels, so a near tie between two classes does not flip on the draws.
+    z = torch.randn((samples + 1) // 2, c, dtype=mean.dtype, device=mean.device, generator=gen)
+    z = torch.cat([z, -z])[:samples]
     # In float64: a narrow posterior's offsets (1e-6 of the logits and less) would round away in float32, and
     # the mutual information of the summary is a difference of nearly equal entropies.
     return mean.double() + torch.einsum("bcd,kd->kbc", chol.double(), z.double())

@@ -180,7 +180,7 @@ def test_fast_tuner_scores_classification_candidates_as_fresh_predictions():
     """Every candidate's NLL equals a fresh ``post.predict`` of a posterior set to it (same seed, same samples)."""
     post, x_val, y_val = classification_validation()
     result = cv.tune_linearised(post, x_val, y_val, samples=8, seed=3, null_prior=False, interpolate=False)
-    assert 10 <= len(result.history) <= 60
+    assert 10 <= len(result.history) <= 80  # tens, not hundreds: the N_eff axis grows to its optimum near 1e-8
     for h in result.history[::6] + [min(result.history, key=lambda h: h["nll"])]:
         fresh, *_ = classification_validation()
         fresh.set_hyperparameters(n_eff=N_DATA * 10.0 ** h["log10_n_ratio"], prior_precision=10.0 ** h["log10_prior"])
@@ -313,7 +313,7 @@ def test_back_off_takes_one_grid_step_inside_what_validation_accepts():
     assert problem.nll(math.log10(runs[True].n_eff / N_DATA), inside) <= ceiling
     assert any(h["nll"] > ceiling and h["log10_prior"] < edge for h in runs[True].history)  # one was rejected
 
-    for amplitude, moved in ((0.1, "one decade"), (0.01, "to the layer's prior")):
+    for amplitude, moved in ((0.1, "one decade"), (0.2, "to the layer's prior")):
         # validation inputs that touch the features training never varied: a broad enough τ₀ gets rejected
         nulls = {}
         for back_off in (False, True):

@@ -170,10 +170,12 @@ def basis_samples(post: cv.LaplacePosterior, monkeypatch) -> Tensor:
         return eye[:, starts[i] : starts[i] + sizes[i]].reshape(k, *shape).to(kwargs.get("dtype", DTYPE))
 
     monkeypatch.setattr(torch, "randn", fake_randn)
-    draws = post.sample(p)
+    draws = post.sample(2 * p)  # p offsets, then their antithetic partners
     monkeypatch.undo()
     means = {name: b.mean for name, b in post.blocks.items()}
-    return flat_weights(post.model, draws) - flat_weights(post.model, means)
+    offsets = flat_weights(post.model, draws) - flat_weights(post.model, means)
+    assert_close_report(offsets[p:], -offsets[:p], rtol=1e-12, atol=1e-14, name="antithetic partners")
+    return offsets[:p]
 
 
 # ---------------------------------------------------------------------------- the Gaussian
@@ -223,8 +225,9 @@ def test_trace_norm_omega_gives_dense_covariance_and_log_prob(case, monkeypatch)
 def test_sample_moments_match_dense_gaussian(kind, damping):
     """Whitened by the dense precision's Cholesky factor, samples must be standard normal.
 
-    With ``u = Lᵀ(θ − θ*)``, ``P = L Lᵀ``: each mean entry is N(0, 1/k); each covariance entry has standard
-    deviation 1/√k off the diagonal and √2/√k on it. 6 standard deviations bound the maximum over P² entries.
+    With ``u = Lᵀ(θ − θ*)``, ``P = L Lᵀ``: the draws come in antithetic pairs, so the mean is exactly zero and
+    the covariance is estimated from ``h = k/2`` independent offsets: each entry has standard deviation 1/√h off
+    the diagonal and √2/√h on it. 6 standard deviations bound the maximum over P² entries.
     """
     post, model, *_, factors = build(MLP_TANH, kind, damping, prior="per_layer")
     k = 40_000
@@ -234,9 +237,9 @@ def test_sample_moments_match_dense_gaussian(kind, damping):
     p = u.shape[1]
     mean = u.mean(0)
     cov = u.T @ u / k
-    se = 1 / math.sqrt(k)
+    se = 1 / math.sqrt(k // 2)
     bound = 6 * se * (1 + (math.sqrt(2) - 1) * torch.eye(p, dtype=DTYPE))
-    assert_close_report(mean, torch.zeros(p, dtype=DTYPE), rtol=0, atol=6 * se, name="whitened mean")
+    assert_close_report(mean, torch.zeros(p, dtype=DTYPE), rtol=0, atol=1e-10, name="whitened mean (pairs)")
     bad = (cov - torch.eye(p, dtype=DTYPE)).abs() > bound
     assert not bad.any(), f"whitened covariance entries off by >6 sd at {bad.nonzero()[:10].tolist()}"
 
