@@ -392,8 +392,8 @@ def _narrow_until_accurate(
     regression: a Gaussian NLL above the network's with the noise variance alone), every precision (``N_eff``,
     ``τ``, ``τ₀``) is multiplied by 10 (covariance ÷ 10), at most ``tries`` times. Every precision ×10 scales
     each draw's offset from the mean by 1/√10 (same normals, same seed), so the ``samples`` draws are made once
-    and rescaled. ``probes`` of them (antithetic pairs), run alone at each narrowing, pick where the full set is first
-    run (about a tenth of a full pass each); the full set then confirms, and narrows on if it must. Returns the
+    and rescaled. ``probes`` of them (antithetic pairs), run alone at each narrowing, pick where the full set is
+    first run (about a tenth of a full pass each); the full set then confirms, and narrows on if it must. Returns the
     final MC predictive on the validation set (reused for OOD calibration). ``progress(fraction, message)`` hears
     of each stage.
     """
@@ -428,9 +428,8 @@ def _narrow_until_accurate(
     means = {name: b.mean for name, b in post.blocks.items()}
     start = 0
     if 0 < probes < samples:
-        # the first offsets and their antithetic partners (see LaplacePosterior.sample)
         pairs = max(1, probes // 2)
-        picked = torch.cat([torch.arange(pairs), (samples + 1) // 2 + torch.arange(pairs)])
+        picked = post.paired_indices(samples, pairs)
         head = {name: w[picked.to(w.device)] - means[name] for name, w in draws.items()}
         while start < tries:
             report(0.5, f"MC predictive: {2 * pairs} probe networks on validation, covariance ÷ {10**start:g}")

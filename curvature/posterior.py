@@ -299,6 +299,12 @@ class LaplacePosterior:
             out[name] = w
         return out
 
+    @staticmethod
+    def paired_indices(k: int, pairs: int) -> Tensor:
+        """Indices, in a set of ``k`` samples from :meth:`sample`, of the first ``pairs`` offsets followed by their
+        antithetic partners."""
+        return torch.cat([torch.arange(pairs), (k + 1) // 2 + torch.arange(pairs)])
+
     def cached_samples(self, k: int, seed: int, max_bytes: int) -> dict[str, Tensor]:
         """The ``k`` weight samples drawn with ``seed``, kept (the most recent set only) when under ``max_bytes``.
 
