@@ -38,6 +38,50 @@ def ece(probs: Tensor, y: Tensor, bins: int = 15) -> float:
     return total
 
 
+def _binned_ece(conf: Tensor, correct: Tensor, bins: int) -> Tensor:
+    """:func:`ece` of each row of ``conf`` / ``correct`` (R, N) at once: (R,) float64."""
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    # the bin of each confidence, as in ece(): (lo, hi], the first bin closed at 0
+    index = (torch.searchsorted(edges, conf.contiguous(), right=False) - 1).clamp(0, bins - 1)
+    rows, n = conf.shape
+    gap = torch.zeros(rows, bins, dtype=torch.float64).scatter_add_(1, index, conf - correct)
+    return gap.abs().sum(1) / n if n else torch.zeros(rows, dtype=torch.float64)
+
+
+def ece_noise(
+    probs: Tensor, y: Tensor, reference: Tensor | None = None, bins: int = 15, draws: int = 2000, seed: int = 0
+) -> dict[str, float | list[float]]:
+    """How much of a binned ECE on a finite test set is sampling noise.
+
+    Returns:
+        ``calibrated_floor``: the mean ECE a *perfectly calibrated* predictor with these confidences would show on
+        a test set of this size (each prediction drawn correct with probability equal to its confidence): the
+        ECE that is noise alone. Predictions spread over more, emptier bins have a higher floor.
+        With ``reference`` (another predictor's probabilities on the same inputs), over ``draws`` bootstrap
+        resamples of the test set: ``p_below_reference`` (the share of resamples where this ECE is lower than
+        the reference's), ``difference_ci95`` (2.5 and 97.5 percentiles of this ECE minus the reference's) and
+        ``reference_calibrated_floor``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    conf, pred = probs.double().max(-1)
+    correct = (pred == y).double()
+
+    def floor(c: Tensor) -> float:
+        hits = (torch.rand(draws, len(c), dtype=torch.float64, generator=gen) < c).double()
+        return float(_binned_ece(c.expand(draws, -1), hits, bins).mean())
+
+    out: dict[str, float | list[float]] = {"calibrated_floor": floor(conf)}
+    if reference is not None:
+        rconf, rpred = reference.double().max(-1)
+        rcorrect = (rpred == y).double()
+        pick = torch.randint(0, len(y), (draws, len(y)), generator=gen)
+        diff = _binned_ece(conf[pick], correct[pick], bins) - _binned_ece(rconf[pick], rcorrect[pick], bins)
+        out["p_below_reference"] = float((diff < 0).double().mean())
+        out["difference_ci95"] = [float(v) for v in diff.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))]
+        out["reference_calibrated_floor"] = floor(rconf)
+    return out
+
+
 def reliability(probs: Tensor, y: Tensor, bins: int = 15) -> dict[str, list[float]]:
     """Per-bin confidence, accuracy and count for a reliability diagram."""
     conf, pred = probs.max(-1)

@@ -91,3 +91,32 @@ def test_nll_and_accuracy_hand_computed():
     target = torch.randn(6, 2, generator=gen, dtype=DTYPE)
     expected = -Normal(mean, var.sqrt()).log_prob(target).sum(-1).mean()
     assert cv.nll_gaussian(mean, var, target) == pytest.approx(float(expected), abs=1e-13)
+
+
+def test_ece_noise_floor_of_a_calibrated_predictor_matches_the_binomial_expectation():
+    """Four predictions at confidence ½, one bin: the ECE of a calibrated predictor is |k/4 − ½| with
+    k ~ Binomial(4, ½), whose mean is 2·(½·1/16 + ¼·4/16) = 0.1875; all-certain predictions have no noise."""
+    probs = torch.full((4, 2), 0.5, dtype=DTYPE)
+    y = torch.zeros(4, dtype=torch.long)
+    noise = cv.metrics.ece_noise(probs, y, draws=20000)
+    assert noise["calibrated_floor"] == pytest.approx(0.1875, abs=0.005)
+    certain = torch.tensor([[1.0, 0.0]] * 6, dtype=DTYPE)
+    assert cv.metrics.ece_noise(certain, torch.tensor([0, 1, 0, 1, 0, 1]))["calibrated_floor"] == 0.0
+
+
+def test_ece_noise_bootstrap_compares_on_the_same_resamples():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(300, 4, generator=gen, dtype=DTYPE), -1)
+    y = torch.randint(0, 4, (300,), generator=gen)
+    same = cv.metrics.ece_noise(probs, y, probs, draws=500)
+    assert same["p_below_reference"] == 0.0 and same["difference_ci95"] == [0.0, 0.0]
+    # A calibrated predictor against an overconfident one, on outcomes drawn from the calibrated confidences.
+    p = 0.5 + 0.5 * torch.rand(2000, generator=gen, dtype=DTYPE)
+    y2 = (torch.rand(2000, generator=gen, dtype=DTYPE) >= p).long()  # class 0 with probability p
+    calibrated = torch.stack([p, 1 - p], -1)
+    over = torch.stack([(p + 0.2).clamp_max(1.0), 1 - (p + 0.2).clamp_max(1.0)], -1)
+    cmp = cv.metrics.ece_noise(calibrated, y2, over, draws=500)
+    assert cmp["p_below_reference"] == 1.0
+    assert cmp["difference_ci95"][1] < -0.05
+    # the overconfident predictor puts 40 % of its predictions at confidence 1, where a calibrated one is never wrong
+    assert 0 < cmp["reference_calibrated_floor"] < cmp["calibrated_floor"]
