@@ -25,18 +25,31 @@ from .common import (
     model_device_dtype,
 )
 
+#: Modules KFRA propagates through: each output entry depends on its own input entry only. Any other module
+#: declaring a true ``elementwise`` attribute is taken as element-wise too.
 ELEMENTWISE = (
     nn.ReLU,
     nn.LeakyReLU,
     nn.Tanh,
     nn.Sigmoid,
     nn.ELU,
+    nn.CELU,
+    nn.SELU,
     nn.GELU,
     nn.SiLU,
+    nn.Mish,
     nn.Softplus,
+    nn.Hardtanh,  # and nn.ReLU6
+    nn.Hardswish,
+    nn.Hardsigmoid,
     nn.Identity,
     nn.Dropout,
 )
+
+
+def is_elementwise(module: nn.Module) -> bool:
+    """Whether KFRA can propagate through ``module`` as an element-wise map."""
+    return isinstance(module, ELEMENTWISE) or getattr(module, "elementwise", False) is True
 
 
 def _chain(model: nn.Module) -> list[nn.Module]:
@@ -65,7 +78,7 @@ def kfra_chain(model: nn.Module) -> tuple[list[nn.Module], list[nn.Linear]]:
     if not linears:
         raise ValueError("KFRA found no Linear layer in the chain.")
     for i, m in enumerate(chain):
-        if isinstance(m, nn.Linear | nn.Flatten) or isinstance(m, ELEMENTWISE):
+        if isinstance(m, nn.Linear | nn.Flatten) or is_elementwise(m):
             continue
         raise ValueError(
             f"KFRA cannot propagate through {type(m).__name__} (position {i}); it supports Linear layers, "

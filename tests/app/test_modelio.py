@@ -926,3 +926,175 @@ def test_both_importers_map_onto_the_shared_operator_vocabulary() -> None:
     logits = torch.randn(3, 4)
     for activation in ops.OUTPUT_ACTIVATIONS:
         assert apply_output_activation(logits, activation).shape == logits.shape
+
+
+# -- more activations, PReLU and layer normalisation -------------------------------------------------------
+
+
+def _more_activations_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.SELU(), nn.Linear(8, 8), nn.Hardswish(), nn.Linear(8, 8), nn.Hardsigmoid(),
+        nn.Linear(8, 8), nn.Mish(), nn.Linear(8, 8), nn.PReLU(8), nn.Linear(8, 8), nn.PReLU(),
+        nn.AlphaDropout(0.1), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+def _layer_norm_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 3))
+
+
+def _layer_norm_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.LayerNorm([3, 5, 5]), nn.PReLU(3), nn.Dropout2d(0.2), nn.Conv2d(3, 2, 3),
+        nn.LayerNorm(3, elementwise_affine=False), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4),
+    )  # fmt: skip
+
+
+MORE_MODELS = {
+    "more_activations_mlp": (_more_activations_mlp, (6,)),
+    "layer_norm_mlp": (_layer_norm_mlp, (6,)),
+    "layer_norm_cnn": (_layer_norm_cnn, (1, 7, 7)),
+}
+
+
+def _trained_looking(model: nn.Module) -> nn.Module:
+    """Non-default affine parameters and slopes (defaults of 1, 0 and 0.25 would hide a dropped constant)."""
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.PReLU)):
+                for p in module.parameters():
+                    p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("exporter", list(EVERYDAY_EXPORTERS))
+@pytest.mark.parametrize("model_name", list(MORE_MODELS))
+def test_more_activations_and_layer_norm_import_as_fittable_modules(model_name: str, exporter: str) -> None:
+    """SELU, Hardswish, Hardsigmoid, Mish, PReLU, LayerNorm and inference AlphaDropout / Dropout2d rebuild as
+    modules that reproduce the export; their constants are buffers; KFRA accepts the element-wise chain only.
+    Core-aten decomposition writes Mish, Hardswish, Hardsigmoid and PReLU as arithmetic on two activations,
+    which is refused."""
+    torch.manual_seed(13)
+    factory, shape = MORE_MODELS[model_name]
+    model = _trained_looking(factory())
+    if exporter == "pt2-core-aten" and model_name != "layer_norm_mlp":
+        export, filename = EVERYDAY_EXPORTERS[exporter]
+        _expect("unsupported_op", export(model, shape), filename)
+        return
+    imported = _import_and_compare(model, shape, exporter)
+    assert all(
+        isinstance(m, (nn.Linear, nn.Conv2d)) for m in imported.module.modules() if list(m.parameters(recurse=False))
+    )
+    kinds = {type(m).__name__ for m in imported.module.modules()}
+    if model_name == "more_activations_mlp":
+        assert {"SELU", "Hardswish", "Hardsigmoid", "Mish", "ConstantPReLU"} <= kinds, kinds
+    else:
+        assert "LayerNorm" in kinds and ("ConstantPReLU" in kinds) == (model_name == "layer_norm_cnn"), kinds
+    assert (Curvature.kfra in supported_curvatures(imported.module)) == (model_name == "more_activations_mlp")
+    x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
+    factors = fit_kronecker(imported.module, (x, y), CrossEntropy(), method="kflr")
+    assert len(factors.layers) == len(_layers(model))
+
+
+def _ln_graph(axis: int, *, scale_shape=(3, 3), outputs=("ln",), bias: bool = False) -> bytes:
+    inputs = ["c", "s", "b"] if bias else ["c", "s"]
+    consts = [_random("w", 2, 1, 3, 3), _random("s", *scale_shape, positive=True), _random("fw", 3, 18)]
+    if bias:
+        consts.append(_random("b", *scale_shape))
+    return _graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("LayerNormalization", inputs, list(outputs), axis=axis, epsilon=1e-3),
+            helper.make_node("Flatten", [outputs[0]], ["f"]),
+            helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1),
+        ],
+        consts,
+        ["n", 1, 5, 5],
+        ["n", 3],
+    )
+
+
+def _act_graph(nodes, consts=()) -> bytes:
+    return _graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
+            *nodes,
+            helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1),
+        ],
+        [_random("w", 5, 4), _random("w2", 3, 5), *consts],
+        ["n", 4],
+        ["n", 3],
+    )
+
+
+HAND_BUILT_MORE = {
+    # ONNX's default HardSigmoid constants (0.2, 0.5) differ from torch's (1/6, 1/2)
+    "hardsigmoid_onnx_defaults": lambda: _act_graph([helper.make_node("HardSigmoid", ["g"], ["h"])]),
+    "selu_default_attributes": lambda: _act_graph([helper.make_node("Selu", ["g"], ["h"])]),
+    "prelu_slope_per_feature": lambda: _act_graph([helper.make_node("PRelu", ["g", "p"], ["h"])], [_random("p", 5)]),
+    "prelu_slope_with_batch_axis_of_one": lambda: _act_graph(
+        [helper.make_node("PRelu", ["g", "p"], ["h"])], [_random("p", 1, 5)]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_BUILT_MORE))
+def test_hand_built_activations_match_the_onnx_reference(case: str) -> None:
+    imported = load_model(HAND_BUILT_MORE[case](), f"{case}.onnx")  # the dry run compares with onnx.reference
+    assert all(
+        isinstance(m, (nn.Linear, nn.Conv2d)) for m in imported.module.modules() if list(m.parameters(recurse=False))
+    )
+
+
+@pytest.mark.parametrize("axis", [1, -1, -2, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_hand_built_layer_normalization_over_trailing_axes(axis: int, bias: bool) -> None:
+    example = (2, 3, 3)
+    first = axis % 4
+    shape = example[first - 1 :]
+    scale_shape = shape[1:] if len(shape) > 1 else shape  # a scale broadcast over the first normalised axis
+    imported = load_model(_ln_graph(axis, scale_shape=scale_shape, bias=bias), "ln.onnx")
+    (norm,) = [m for m in imported.module.modules() if type(m).__name__ == "LayerNorm"]
+    assert norm.shape == shape and norm.weight.shape == shape and norm.eps == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "case, data, message",
+    [
+        ("selu_other_constants", lambda: _act_graph([helper.make_node("Selu", ["g"], ["h"], alpha=2.0)]), "SELU"),
+        (
+            "prelu_slope_over_the_batch",
+            lambda: _act_graph([helper.make_node("PRelu", ["g", "p"], ["h"])], [_random("p", 2, 5)]),
+            "batch",
+        ),
+        ("prelu_slope_from_an_activation", lambda: _act_graph([helper.make_node("PRelu", ["g", "g"], ["h"])]), "slope"),
+        ("layer_norm_over_the_batch", lambda: _ln_graph(0, scale_shape=(2, 3, 3)), "within each example"),
+        (
+            "layer_norm_mean_output",
+            lambda: _ln_graph(-1, scale_shape=(3,), outputs=("ln", "mean")),
+            "normalised output",
+        ),
+        ("layer_norm_wrong_scale", lambda: _ln_graph(-1, scale_shape=(4,)), "does not fit"),
+    ],
+)
+def test_unsupported_settings_are_refused_by_name(case: str, data, message: str) -> None:
+    error = _expect("unsupported_op", data(), f"{case}.onnx")
+    assert message in error.message, error.message
+
+
+def test_a_tanh_softplus_gate_on_another_activation_is_not_mish() -> None:
+    data = _graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["a"], transB=1),
+            helper.make_node("Gemm", ["x", "w2"], ["b"], transB=1),
+            helper.make_node("Softplus", ["b"], ["sp"]),
+            helper.make_node("Tanh", ["sp"], ["t"]),
+            helper.make_node("Mul", ["a", "t"], ["y"]),
+        ],
+        [_random("w", 3, 4), _random("w2", 3, 4)],
+        ["n", 4],
+        ["n", 3],
+    )
+    error = _expect("unsupported_op", data, "gated.onnx")
+    assert error.detail["op"] == "Mul" and "Mish" in error.message

@@ -132,6 +132,27 @@ def _mlp(act: type[nn.Module], hidden_bias: bool = True) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), act(), nn.Linear(5, 4, bias=hidden_bias), act(), nn.Linear(4, N_OUT))
 
 
+class PerFeatureTanh(nn.Module):
+    """``scale ⊙ tanh(x)`` with a constant per-feature scale: a module KFRA knows only by its ``elementwise`` flag."""
+
+    elementwise = True
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x) * self.scale
+
+
+def _mlp_more_activations() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.SELU(), nn.Linear(5, 4), nn.Hardswish(), nn.Linear(4, N_OUT))
+
+
+def _mlp_flagged_elementwise() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), PerFeatureTanh(5), nn.Linear(5, 4), nn.Mish(), nn.Linear(4, N_OUT))
+
+
 def _deep_linear() -> nn.Module:
     return nn.Sequential(*(nn.Linear(3, 3, bias=False) for _ in range(4)))
 
@@ -180,6 +201,8 @@ class ModelCase:
 MLP_TANH = ModelCase("mlp_tanh", lambda: _mlp(nn.Tanh), (4,), True, ("0", "2", "4"))
 MLP_RELU = ModelCase("mlp_relu", lambda: _mlp(nn.ReLU), (4,), True, ("0", "2", "4"))
 MLP_SIGMOID = ModelCase("mlp_sigmoid", lambda: _mlp(nn.Sigmoid, hidden_bias=False), (4,), True, ("0", "2", "4"))
+MLP_SELU_HARDSWISH = ModelCase("mlp_selu_hardswish", _mlp_more_activations, (4,), True, ("0", "2", "4"))
+MLP_FLAGGED = ModelCase("mlp_flagged_elementwise", _mlp_flagged_elementwise, (4,), True, ("0", "2", "4"))
 DEEP_LINEAR = ModelCase("deep_linear", _deep_linear, (3,), True, ("0", "1", "2", "3"))
 CNN = ModelCase("cnn", _cnn, (2, 4, 4), False, ("5",))
 CNN_T1 = ModelCase("cnn_t1", _cnn_t1, (2, 4, 4), False, ("2", "5"))
@@ -190,11 +213,13 @@ MLP_INPLACE = ModelCase("mlp_inplace", _mlp_inplace, (4,), True, ("0", "2", "4")
 NESTED_CHAIN = ModelCase("nested_chain", _nested_chain, (2, 2), True, ("1.0", "3", "6"))
 SEQ_POOL = ModelCase("seq_pool", SeqPool, (3, 4), False, ("out",))
 
-MLPS = (MLP_TANH, MLP_RELU, MLP_SIGMOID)
+MLPS = (MLP_TANH, MLP_RELU, MLP_SIGMOID, MLP_SELU_HARDSWISH, MLP_FLAGGED)
 ALL_MODELS = (
     MLP_TANH,
     MLP_RELU,
     MLP_SIGMOID,
+    MLP_SELU_HARDSWISH,
+    MLP_FLAGGED,
     DEEP_LINEAR,
     MLP_INPLACE,
     NESTED_CHAIN,

@@ -282,6 +282,10 @@ def test_kfra_matches_explicit_recursion(case, lik_name):
     assert rel_error(factors[first].G, ref[first][1]) > 1e-3, "KFRA should differ from KFLR below the top"
 
 
+def _plain_layer_norm(features: int) -> nn.Module:
+    return nn.LayerNorm(features, elementwise_affine=False)
+
+
 @pytest.mark.parametrize(
     "factory, input_shape, match",
     [
@@ -289,8 +293,9 @@ def test_kfra_matches_explicit_recursion(case, lik_name):
         (BRANCHY.build, (1, 3, 3), "nn.Sequential"),
         (lambda: nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1), nn.Linear(3, 3)).to(DTYPE), (4,), "Softmax"),
         (lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh()).to(DTYPE), (4,), "end with a Linear"),
+        (lambda: nn.Sequential(nn.Linear(4, 3), _plain_layer_norm(3), nn.Linear(3, 3)).to(DTYPE), (4,), "LayerNorm"),
     ],
-    ids=["cnn", "non-sequential", "softmax", "trailing-activation"],
+    ids=["cnn", "non-sequential", "softmax", "trailing-activation", "layer-norm"],
 )
 def test_kfra_refuses_unsupported_architectures(factory, input_shape, match):
     x, y = torch.randn(3, *input_shape, dtype=DTYPE), torch.zeros(3, dtype=torch.long)

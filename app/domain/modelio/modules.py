@@ -59,6 +59,69 @@ class ConstantAffine(nn.Module):
         return x
 
 
+class ConstantPReLU(nn.Module):
+    """``x`` where ``x ≥ 0``, ``slope · x`` elsewhere, with a constant (buffer) ``slope`` broadcast over one example
+    (a PReLU's learned slope, kept at its trained value). Element-wise: KFRA can propagate through it.
+
+    Args:
+        slope: Slopes broadcastable to one example's shape (per channel: ``(C, 1, 1)``; one for all: ``()``).
+    """
+
+    elementwise = True
+    slope: Tensor
+
+    def __init__(self, slope: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("slope", slope.detach().clone().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x >= 0, x, x * self.slope)
+
+
+class HardSigmoid(nn.Module):
+    """``clamp(alpha · x + beta, 0, 1)`` (ONNX HardSigmoid with other constants than torch's 1/6 and 1/2)."""
+
+    elementwise = True
+
+    def __init__(self, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.alpha * x + self.beta).clamp(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}"
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last ``len(shape)`` dimensions of each example, with constant (buffer) scale
+    and shift (a trained LayerNorm's affine parameters, kept at their trained values).
+
+    Args:
+        shape: The normalised trailing shape of one example.
+        eps: Added to the variance.
+        weight: Scale of that shape, or ``None`` for 1.
+        bias: Shift of that shape, or ``None`` for 0.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def __init__(self, shape: Sequence[int], eps: float, weight: Tensor | None, bias: Tensor | None) -> None:
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+        self.eps = float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().clone().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, eps={self.eps}"
+
+
 class Add(nn.Module):
     """Element-wise sum of two activations of the same shape (a residual connection)."""
 

@@ -8,8 +8,9 @@ Supported operators (default domain only):
   because the curvature core cannot fit grouped convolutions);
 - activations: ``Relu``, ``LeakyRelu``, ``Tanh``, ``Sigmoid``, ``Elu``, ``Softplus`` (also the
   ``Softplus``/``Greater``/``Where`` threshold pattern ``torch.onnx.export(dynamo=True)`` emits), ``Gelu``,
-  ``Clip`` with constant bounds (ReLU6 and hard-tanh), and ``Mul(x, Sigmoid(x))`` as ``nn.SiLU`` (how both
-  torch exporters write SiLU);
+  ``Clip`` with constant bounds (ReLU6 and hard-tanh), ``Selu`` (torch's constants), ``Mish``, ``HardSwish``,
+  ``HardSigmoid``, ``PRelu`` with constant slopes, and ``Mul(x, Sigmoid(x))`` as ``nn.SiLU`` (how both torch
+  exporters write SiLU);
 - shape: ``Flatten``, ``Reshape`` (constant or ``Shape``-derived target, ``allowzero`` 0 or 1, ``-1`` and
   ``0`` entries), ``Squeeze``, ``Unsqueeze``, and the shape arithmetic exporters emit for dynamic batch
   sizes (``Shape``, ``Gather``, ``Concat``, ``Slice``, ``Cast``, ``Constant``);
@@ -18,7 +19,8 @@ Supported operators (default domain only):
 - other: ``BatchNormalization`` (inference; folded into the preceding ``Conv``/``Gemm``/``MatMul`` when that
   layer's output has no other use, else a parameter-free per-channel affine), ``Add``/``Sub``/``Mul``/``Div``
   with a constant (folded the same way) and ``Add`` of two activations (residual connection),
-  ``Identity``, ``Dropout`` (inference), ``Constant`` and initializers, ``Transpose`` of constants;
+  ``LayerNormalization`` over axes within each example (constant scale and bias, kept at their trained
+  values), ``Identity``, ``Dropout`` (inference), ``Constant`` and initializers, ``Transpose`` of constants;
 - a final ``Softmax``/``LogSoftmax``/``Sigmoid`` is stripped and reported.
 
 Operator semantics shared with the ``.pt2`` importer live in :mod:`app.domain.modelio.ops`. Everything else
@@ -45,6 +47,8 @@ from .errors import ModelImportError
 from .modules import Mean
 from .onnx_archive import OnnxArchive, inline_external_data, is_zip, read_onnx_archive
 from .ops import (
+    SELU_ALPHA,
+    SELU_SCALE,
     OpRefused,
     activation_module,
     add_arithmetic,
@@ -53,7 +57,9 @@ from .ops import (
     check_class_axis,
     clamp_module,
     example_dims,
+    layer_norm_module,
     linear_layer,
+    prelu_module,
     same_pads,
 )
 from .program import (
@@ -80,6 +86,10 @@ _ACTIVATIONS: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] 
     # ONNX Softplus has no threshold; torch's switches to the identity above it.
     "Softplus": ("softplus", lambda a: {"beta": 1.0, "threshold": math.inf}),
     "Gelu": ("gelu", lambda a: {"approximate": a.get("approximate", "none")}),
+    "Selu": ("selu", lambda a: {"alpha": a.get("alpha", SELU_ALPHA), "gamma": a.get("gamma", SELU_SCALE)}),
+    "Mish": ("mish", lambda a: {}),
+    "HardSwish": ("hardswish", lambda a: {}),
+    "HardSigmoid": ("hardsigmoid", lambda a: {"alpha": a.get("alpha", 0.2), "beta": a.get("beta", 0.5)}),
 }
 _ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
 
@@ -88,7 +98,7 @@ SUPPORTED_OPS: frozenset[str] = frozenset(
         *_ACTIVATIONS, *_ARITHMETIC, *_FINAL_ACTIVATIONS, "Gemm", "MatMul", "Conv", "Clip", "Flatten",
         "Reshape", "Squeeze", "Unsqueeze", "Shape", "Gather", "Concat", "Slice", "Cast", "Constant",
         "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "BatchNormalization",
-        "Identity", "Dropout", "Transpose", "Greater", "Where",
+        "Identity", "Dropout", "Transpose", "Greater", "Where", "PRelu", "LayerNormalization",
     }
 )  # fmt: skip
 
@@ -641,6 +651,28 @@ class _OnnxTranslator:
         self._activation(node, activation_module(kind, **params(attrs)), kind)
 
     _op_Relu = _op_LeakyRelu = _op_Tanh = _op_Sigmoid = _op_Elu = _op_Softplus = _op_Gelu = _op_activation
+    _op_Selu = _op_Mish = _op_HardSwish = _op_HardSigmoid = _op_activation
+
+    def _op_PRelu(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        x = self._act(node, 0)
+        slope = _float_tensor(self._const(node, 1, "the slope"))
+        module = prelu_module(slope, self.builder.shape(x), channel_first=False)
+        self.builder.add(module, [x], node.output[0], kind="prelu", op=node.op_type)
+
+    def _op_LayerNormalization(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        x = self._act(node, 0)
+        if any(o for o in node.output[1:]):
+            raise _fail_op(node, "only the normalised output may be used")
+        scale = _float_tensor(self._const(node, 1, "the scale"))
+        bias = self._opt_const(node, 2)
+        module = layer_norm_module(
+            self.builder.shape(x),
+            int(attrs.get("axis", -1)),
+            float(attrs.get("epsilon", 1e-5)),
+            scale,
+            None if bias is None else _float_tensor(bias),
+        )
+        self.builder.add(module, [x], node.output[0], kind="layernorm", op=node.op_type)
 
     def _op_Clip(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         if self.opset < 11:

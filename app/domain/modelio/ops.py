@@ -7,7 +7,8 @@ its operator names onto the vocabulary here; what an operator *means* as real ``
   an importer strips (:data:`OUTPUT_ACTIVATIONS`);
 - element-wise arithmetic (:data:`ARITHMETIC`, :func:`add_arithmetic`): with a constant it is an affine map
   ``y = x * scale + shift`` folded into the preceding layer where possible; of two activations it is a residual
-  sum or ``x * sigmoid(x)`` (SiLU, which both torch ONNX exporters emit as ``Mul(x, Sigmoid(x))``);
+  sum, ``x * sigmoid(x)`` (SiLU, which both torch ONNX exporters emit as ``Mul(x, Sigmoid(x))``) or
+  ``x * tanh(softplus(x))`` (Mish, as exporters without a Mish operator write it);
 - inference batch normalisation as an affine map (:func:`add_batch_norm`);
 - layers: :func:`linear_layer`, :func:`add_conv2d` (asymmetric padding becomes an ``nn.ZeroPad2d`` in front,
   and the convolution must pass the curvature core's own check, so grouped convolutions are refused at upload),
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from curvature.layers import Conv2dHandler
 
-from .modules import Add
+from .modules import Add, ConstantPReLU, HardSigmoid, LayerNorm
 from .program import ProgramBuilder
 
 
@@ -63,9 +64,23 @@ def clamp_module(low: float, high: float) -> nn.Module:
     raise OpRefused(f"empty clip range [{low}, {high}]")
 
 
+#: torch's SELU constants (``nn.SELU``); ONNX stores them rounded to float32.
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _selu(alpha: float = SELU_ALPHA, gamma: float = SELU_SCALE) -> nn.Module:
+    if not (
+        math.isclose(float(alpha), SELU_ALPHA, rel_tol=1e-6) and math.isclose(float(gamma), SELU_SCALE, rel_tol=1e-6)
+    ):
+        raise OpRefused(f"only SELU with the standard constants is supported (alpha={alpha}, gamma={gamma})")
+    return nn.SELU()
+
+
 def _elu(alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> nn.Module:
+    if float(input_scale) == 1.0 and float(scale) != 1.0:  # how core aten writes SELU
+        return _selu(alpha, scale)
     if float(scale) != 1.0 or float(input_scale) != 1.0:
-        raise OpRefused("only ELU with scale=1 and input_scale=1 is supported")
+        raise OpRefused("only ELU with scale=1 and input_scale=1 (or SELU's constants) is supported")
     return nn.ELU(float(alpha))
 
 
@@ -73,6 +88,15 @@ def _gelu(approximate: str = "none") -> nn.Module:
     if approximate not in ("none", "tanh"):
         raise OpRefused(f"approximate={approximate!r} is not supported")
     return nn.GELU(approximate=approximate)
+
+
+def _hardsigmoid(alpha: float = 1.0 / 6.0, beta: float = 0.5) -> nn.Module:
+    alpha, beta = float(alpha), float(beta)
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise OpRefused(f"HardSigmoid constants must be finite (alpha={alpha}, beta={beta})")
+    if math.isclose(alpha, 1.0 / 6.0, rel_tol=1e-6) and math.isclose(beta, 0.5, rel_tol=1e-6):
+        return nn.Hardsigmoid()
+    return HardSigmoid(alpha, beta)
 
 
 #: Element-wise activations by kind, each a factory of its ``nn`` module taking the activation's parameters.
@@ -87,6 +111,10 @@ ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "elu": _elu,
     "softplus": lambda beta=1.0, threshold=20.0: nn.Softplus(float(beta), float(threshold)),
     "gelu": _gelu,
+    "selu": _selu,
+    "mish": nn.Mish,
+    "hardswish": nn.Hardswish,
+    "hardsigmoid": _hardsigmoid,
 }
 
 #: Final activations an importer strips from the graph and reports (see ``apply_output_activation``).
@@ -96,6 +124,71 @@ OUTPUT_ACTIVATIONS = frozenset({"softmax", "log_softmax", "sigmoid"})
 def activation_module(kind: str, **params: Any) -> nn.Module:
     """The module of activation ``kind`` (a key of :data:`ACTIVATIONS`) with its parameters."""
     return ACTIVATIONS[kind](**params)
+
+
+def prelu_module(slope: Tensor, example_shape: Sequence[int], *, channel_first: bool) -> nn.Module:
+    """A PReLU with constant slopes for examples of ``example_shape``.
+
+    ``channel_first``: ``slope`` holds one value per channel (the example's first axis; torch's ``prelu``) or one
+    for all; otherwise it broadcasts numpy-style against the batched input (ONNX ``PRelu``), and may not vary
+    over the batch.
+    """
+    slope = slope.detach().float()
+    if not bool(torch.isfinite(slope).all()):
+        raise OpRefused("PReLU slopes must be finite")
+    example = tuple(int(d) for d in example_shape)
+    if channel_first:
+        if slope.numel() == 1:
+            slope = slope.reshape(())
+        elif slope.dim() == 1 and example and slope.shape[0] == example[0]:
+            slope = slope.reshape(-1, *(1,) * (len(example) - 1))
+        else:
+            raise OpRefused(f"PReLU slope of shape {tuple(slope.shape)} is not per channel of {list(example)}")
+    else:
+        if slope.dim() == len(example) + 1:
+            if slope.shape[0] != 1:
+                raise OpRefused("a PReLU slope may not vary over the batch")
+            slope = slope[0]
+        if slope.dim() > len(example):
+            raise OpRefused(f"PReLU slope of shape {tuple(slope.shape)} does not broadcast to {list(example)}")
+    try:
+        broadcast = torch.broadcast_shapes(tuple(slope.shape), example)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != example:
+        raise OpRefused(f"PReLU slope of shape {tuple(slope.shape)} does not broadcast to {list(example)}")
+    return ConstantPReLU(slope)
+
+
+def layer_norm_module(
+    example_shape: Sequence[int], axis: int, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> nn.Module:
+    """Layer normalisation of each example over its axes from ``axis`` on (an axis of the *batched* input,
+    negative from the end; the batch axis may not be normalised), with constant scale and shift."""
+    example = tuple(int(d) for d in example_shape)
+    rank = len(example) + 1
+    first = axis + rank if axis < 0 else axis
+    if not 1 <= first < rank:
+        raise OpRefused(f"layer normalisation must act within each example (axis {axis} of a rank-{rank} input)")
+    shape = example[first - 1 :]
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise OpRefused(f"epsilon must be finite and non-negative, got {eps}")
+
+    def full(value: Tensor | None, what: str) -> Tensor | None:
+        if value is None:
+            return None
+        value = value.detach().float()
+        try:
+            if torch.broadcast_shapes(tuple(value.shape), shape) != shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise OpRefused(f"layer-norm {what} of shape {tuple(value.shape)} does not fit {list(shape)}") from None
+        if not bool(torch.isfinite(value).all()):
+            raise OpRefused(f"layer-norm {what} must be finite")
+        return value.expand(shape).clone()
+
+    return LayerNorm(shape, eps, full(weight, "scale"), full(bias, "bias"))
 
 
 def check_class_axis(axis: int, op: str) -> None:
@@ -130,7 +223,8 @@ def add_arithmetic(
     ``c + alpha x``, ``x - alpha c``, ``c - alpha x``, ``x c``, ``x / c`` (``c / x`` is refused). A constant
     with a leading batch dimension of 1 loses it; one that would broadcast over the batch is refused by the
     builder. With two activations it is either their sum (a residual connection, same shapes, ``alpha = 1``)
-    or ``x * sigmoid(x)``, which replaces the sigmoid by ``nn.SiLU``.
+    or ``x * sigmoid(x)``, which replaces the sigmoid by ``nn.SiLU``, or ``x * tanh(softplus(x))``, which becomes
+    ``nn.Mish``.
 
     Args:
         builder: The program being built.
@@ -196,7 +290,24 @@ def _two_activations(builder: ProgramBuilder, kind: str, a: str, b: str, output:
                 builder.replace_producer(gate, nn.SiLU())
                 builder.alias(gate, output)
                 return
-    raise OpRefused("of two activations only their sum (a residual connection) and x * sigmoid(x) (SiLU) are supported")
+            if produced is not None and type(produced[0]) is nn.Tanh and builder.uses(gate) == 1:
+                (inner,) = produced[1]
+                below = builder.producer(inner)
+                if (
+                    below is not None
+                    and type(below[0]) is nn.Softplus
+                    and below[0].beta == 1.0
+                    and below[1] == (builder.canonical(x),)
+                    and builder.uses(inner) == 1
+                ):  # x * tanh(softplus(x)): Mish, as opset-17 exporters write it
+                    builder.replace_producer(inner, nn.Mish())
+                    builder.replace_producer(gate, nn.Identity())
+                    builder.alias(gate, output)
+                    return
+    raise OpRefused(
+        "of two activations only their sum (a residual connection), x * sigmoid(x) (SiLU) and x * tanh(softplus(x)) "
+        "(Mish) are supported"
+    )
 
 
 # -- normalisation ----------------------------------------------------------------------------------------

@@ -10,13 +10,16 @@ and the core-aten form after ``run_decompositions()``):
   ``constant_pad_nd`` of the spatial dims; ``groups`` > 1 is refused with ``unsupported_layer`` because the
   curvature core cannot fit grouped convolutions;
 - activations: ``relu``, ``relu6``, ``hardtanh``, ``leaky_relu``, ``tanh``, ``sigmoid``, ``elu``,
-  ``softplus``, ``gelu``, ``silu`` (also as ``mul(x, sigmoid(x))``, its core-aten form);
+  ``softplus``, ``gelu``, ``selu``, ``mish``, ``hardswish``, ``hardsigmoid``, ``prelu`` (constant slopes),
+  ``silu`` (also as ``mul(x, sigmoid(x))``, its core-aten form);
 - shape: ``view``, ``reshape``, ``_unsafe_view``, ``flatten``, ``squeeze``, ``unsqueeze``, ``sym_size``;
 - pooling: ``max_pool2d`` (and ``_with_indices``), ``avg_pool2d``, ``adaptive_avg_pool2d``, ``mean.dim``;
 - other: inference ``batch_norm`` / ``_native_batch_norm_legit_no_training`` (folded into the preceding
   layer when its output has no other use, else a parameter-free per-channel affine), ``add`` / ``sub`` /
   ``mul`` / ``div`` with constants (folded the same way), ``add`` of two activations (residual),
-  ``dropout`` (inference), ``clone`` / ``alias`` / ``detach``;
+  ``layer_norm`` / ``native_layer_norm`` over dimensions within each example (constant scale and bias, kept at
+  their trained values), ``dropout`` / ``feature_dropout`` / ``alpha_dropout`` / ``feature_alpha_dropout``
+  (inference), ``clone`` / ``alias`` / ``detach``;
 - a final ``softmax`` / ``log_softmax`` / ``sigmoid`` is stripped and reported.
 
 Operator semantics shared with the ONNX importer live in :mod:`app.domain.modelio.ops`. The reference for
@@ -46,7 +49,9 @@ from .ops import (
     add_conv2d,
     check_class_axis,
     example_dims,
+    layer_norm_module,
     linear_layer,
+    prelu_module,
     same_pads,
 )
 from .program import (
@@ -83,6 +88,10 @@ _ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "elu.default": ("elu", ("alpha", "scale", "input_scale")),
     "softplus.default": ("softplus", ("beta", "threshold")),
     "gelu.default": ("gelu", ("approximate",)),
+    "selu.default": ("selu", ()),
+    "mish.default": ("mish", ()),
+    "hardswish.default": ("hardswish", ()),
+    "hardsigmoid.default": ("hardsigmoid", ()),
 }
 _ARITHMETIC = {f"{kind}.{overload}": kind for kind in ("add", "sub", "mul", "div") for overload in ("Tensor", "Scalar")}
 
@@ -94,7 +103,9 @@ SUPPORTED_OPS: frozenset[str] = frozenset(
         "squeeze.dims", "unsqueeze.default", "sym_size.int", "max_pool2d.default",
         "max_pool2d_with_indices.default", "avg_pool2d.default", "adaptive_avg_pool2d.default",
         "_adaptive_avg_pool2d.default", "mean.dim", "batch_norm.default",
-        "_native_batch_norm_legit_no_training.default", "dropout.default", "clone.default", "alias.default",
+        "_native_batch_norm_legit_no_training.default", "dropout.default", "feature_dropout.default",
+        "alpha_dropout.default", "feature_alpha_dropout.default", "prelu.default", "layer_norm.default",
+        "native_layer_norm.default", "clone.default", "alias.default",
         "detach.default", "permute.default", "t.default", "transpose.int",
     }
 )  # fmt: skip
@@ -680,6 +691,36 @@ class _Pt2Translator:
         if a["train"]:
             raise _fail_op(node, "training-mode dropout is not supported; export the model in eval mode")
         self._alias(node, a)
+
+    _op_feature_dropout = _op_alpha_dropout = _op_feature_alpha_dropout = _op_dropout
+
+    def _op_prelu(self, node: _Node, a: dict[str, Any]) -> None:
+        x = self._act(node, a["self"])
+        slope = self._const(node, a["weight"], "the slope")
+        module = prelu_module(slope, self.builder.shape(x), channel_first=True)
+        self.builder.add(module, [x], node.outputs[0], kind="prelu", name=node.module_path, op=f"aten.{node.op}")
+
+    def _op_layer_norm(self, node: _Node, a: dict[str, Any]) -> None:
+        if any(o is not None and self.builder.graph_uses(o) for o in node.outputs[1:]):
+            raise _fail_op(node, "only the normalised output may be used")
+        x = self._act(node, a["input"])
+        normalized = a["normalized_shape"]
+        if not isinstance(normalized, list) or not all(isinstance(d, int) for d in normalized):
+            raise _fail_op(node, "the normalised shape must be constant")
+        example = self.builder.shape(x)
+        k = len(normalized)
+        if not 1 <= k <= len(example) or tuple(normalized) != tuple(example[len(example) - k :]):
+            raise _fail_op(node, f"normalised shape {normalized} is not a trailing shape of examples {list(example)}")
+        module = layer_norm_module(
+            example,
+            -len(normalized),
+            float(a["eps"]),
+            self._const(node, a["weight"], "weight", optional=True),
+            self._const(node, a["bias"], "bias", optional=True),
+        )
+        self.builder.add(module, [x], node.outputs[0], kind="layernorm", name=node.module_path, op=f"aten.{node.op}")
+
+    _op_native_layer_norm = _op_layer_norm
 
     # -- pooling ------------------------------------------------------------------------------------
 
