@@ -394,3 +394,39 @@ def test_regression_model_end_to_end(service: Service, exporters) -> None:
         f"/v1/models/{fitted['model']['id']}/fits", json={"dataset": labels}, headers=service.headers
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "incompatible_dataset"
+
+
+def test_layer_norm_prelu_selu_model_end_to_end(service: Service, trained_models, exporters) -> None:
+    """A model with LayerNorm, PReLU and SELU between its layers: uploaded as ``.pt2``, fitted with no options,
+    predicted over HTTP; KFRA (which needs element-wise activations) is refused for it by name."""
+    m = trained_models
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(784, 32), torch.nn.LayerNorm(32), torch.nn.PReLU(32), torch.nn.Linear(32, 32),
+        torch.nn.SELU(), torch.nn.Linear(32, 10),
+    )  # fmt: skip
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for i in range(0, 2000, 100):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(net(m.x_train[i : i + 100]), m.y_train[i : i + 100]).backward()
+        optimiser.step()
+    fitted = _fit(
+        service,
+        ("ln.pt2", exporters["pt2"](net.eval(), torch.zeros(2, 784))),
+        {"task": "classification"},
+        {"x": m.x_train[:600].numpy(), "y": m.y_train[:600].numpy()},
+        {"samples": 20},
+        validation={"x": m.x_val[:150].numpy(), "y": m.y_val[:150].numpy()},
+    )
+    assert "kfra" not in fitted["model"]["curvatures"]
+    out = _predict(service, fitted["model"]["id"], m.x_val[:5].numpy(), seed=0)
+    for row in out["results"]:
+        assert sum(row["probs"]) == pytest.approx(1.0, abs=1e-5) and np.isfinite(row["ood_score"])
+    data = npz_bytes(x=m.x_train[:50].numpy(), y=m.y_train[:50].numpy())
+    dataset = service.client.post("/v1/datasets", files={"file": ("d.npz", data)}, headers=service.headers).json()
+    r = service.client.post(
+        f"/v1/models/{fitted['model']['id']}/fits",
+        json={"dataset": dataset["id"], "curvature": "kfra"},
+        headers=service.headers,
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_curvature", r.text
