@@ -284,6 +284,16 @@ def test_fit_request_validation(client: httpx.Client, tiny_onnx: bytes) -> None:
     labels = _npz(x=x, y=np.arange(10) + 5)
     ds_big = client.post("/v1/datasets", files={"file": ("d.npz", labels)}, headers=A).json()["id"]
     _assert_error(client.post(url, json={"dataset": ds_big}, headers=A), 422, "incompatible_dataset")
+    # the OOD threshold needs two held-out inputs: the validation set's, else the training rows
+    one = _npz(x=x[:1], y=np.arange(1))
+    ds_one = client.post("/v1/datasets", files={"file": ("d.npz", one)}, headers=A).json()["id"]
+    _assert_error(client.post(url, json={"dataset": ds_one}, headers=A), 422, "too_few_rows")
+    one_val = _npz(x=x, y=np.arange(10), x_val=x[:1], y_val=np.arange(1))
+    ds_one_val = client.post("/v1/datasets", files={"file": ("d.npz", one_val)}, headers=A).json()["id"]
+    _assert_error(client.post(url, json={"dataset": ds_one_val}, headers=A), 422, "too_few_rows")
+    _assert_error(client.post(url, json={"dataset": ds, "validation": ds_one}, headers=A), 422, "too_few_rows")
+    r = client.post(url, json={"dataset": ds_one, "validation": ds}, headers=A)
+    assert r.status_code == 202, r.text
 
 
 def test_oversized_bodies_are_413(client: httpx.Client, tiny_onnx: bytes, data_dir: Path, snapshot_store) -> None:

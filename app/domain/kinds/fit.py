@@ -145,6 +145,19 @@ class FitKind(JobKind[FitRequest, FitParams]):
             check_compatible(model, validation, "validation dataset")
         require_curvature(model, request.curvature)
         has_validation = validation is not None or data.n_val > 0
+        held_out, source = (
+            (validation.n, "the validation dataset")
+            if validation is not None
+            else (data.n_val, "the dataset's validation split")
+            if data.n_val > 0
+            else (data.n, "the dataset (no validation split)")
+        )
+        if held_out < 2:
+            raise InvalidInput(
+                f"the OOD threshold is calibrated on held-out inputs and needs at least two; {source} has {held_out}",
+                code="too_few_rows",
+                detail={"rows": held_out, "min_rows": 2},
+            )
         tuning = request.tuning or (Tuning.validation if has_validation else Tuning.marglik)
         if tuning == Tuning.validation and not has_validation:
             raise InvalidInput(
