@@ -229,6 +229,9 @@ def test_predict_input_validation(client: httpx.Client, tiny_onnx: bytes, data_d
     ]
     for body, code in cases:
         _assert_error(client.post(url, json=body, headers=A), 422, code)
+    unbatched = _assert_error(client.post(url, json={"inputs": row}, headers=A), 422, "invalid_shape")
+    assert "without its batch dimension" in unbatched["message"]
+    _assert_error(client.post(url, json={"inputs": 0.5}, headers=A), 422, "invalid_inputs")
     nan = '{"inputs": [[NaN' + ", 0.0" * 783 + "]]}"
     err = _assert_error(client.post(url, content=nan, headers={**A, "Content-Type": "application/json"}), 422)
     assert err["code"] == "non_finite" and err["detail"]["rows"] == [0]
@@ -238,6 +241,12 @@ def test_predict_input_validation(client: httpx.Client, tiny_onnx: bytes, data_d
     np.save(buf, inf)
     npy = {**A, "Content-Type": "application/x-npy"}
     _assert_error(client.post(url, content=buf.getvalue(), headers=npy), 422, "non_finite")
+    buf = io.BytesIO()
+    np.save(buf, np.float32(0.5))
+    assert (
+        "one number"
+        in _assert_error(client.post(url, content=buf.getvalue(), headers=npy), 422, "invalid_shape")["message"]
+    )
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     _assert_error(client.post(url, content=buf.getvalue(), headers=npy), 422, "invalid_npy")

@@ -168,7 +168,13 @@ def check_inputs(x: np.ndarray, input_shape: list[int], max_inputs: int) -> np.n
     """
     if x.dtype.kind not in "fiub":
         raise InvalidInput(f"inputs must be numbers, got {x.dtype}", code="invalid_inputs")
-    if x.ndim == 0 or x.shape[0] == 0:
+    if x.ndim == 0:
+        raise InvalidInput(
+            "inputs must be a batch (a list of inputs, or an array with the batch first), got one number",
+            code="invalid_shape",
+            detail={"expected": list(input_shape), "got": []},
+        )
+    if x.shape[0] == 0:
         raise InvalidInput("empty batch: send at least one input", code="empty_batch")
     if x.shape[0] > max_inputs:
         raise InvalidInput(
@@ -181,9 +187,15 @@ def check_inputs(x: np.ndarray, input_shape: list[int], max_inputs: int) -> np.n
         if x.ndim == 2 and x.shape[1] == math.prod(expected):
             x = x.reshape(x.shape[0], *expected)
         else:
+            hint = ""
+            if math.prod(x.shape) == math.prod(expected):
+                hint = (
+                    "; this looks like one input without its batch dimension: send a list of inputs ([[...]] in"
+                    " JSON) or an array of shape (1, ...)"
+                )
             raise InvalidInput(
                 f"inputs have shape {list(x.shape[1:])} each; the model expects {list(expected)}"
-                f" (or {math.prod(expected)} values flattened)",
+                f" (or {math.prod(expected)} values flattened){hint}",
                 code="invalid_shape",
                 detail={"expected": list(expected), "got": list(x.shape[1:])},
             )
