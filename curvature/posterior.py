@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,43 @@ from .likelihoods import Gaussian, Likelihood, likelihood_from_name
 
 FORMAT_VERSION = 1
 DAMPING_MODES = ("exact", "factored")
+
+#: Values per independently seeded block of a large CPU draw of normals (:func:`standard_normals`). Fixed, so a
+#: draw does not depend on how many threads fill it.
+NORMAL_BLOCK = 1 << 22
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def standard_normals(
+    shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
+    """Independent ``N(0, 1)`` values of ``shape``, reproducible from ``generator``.
+
+    torch fills a CPU tensor with normals on one thread (the generator is shared state), which makes the normals
+    of a large weight draw cost as much as the draw's matrix products. On CPU, draws of two blocks
+    (:data:`NORMAL_BLOCK` values) or more are split into fixed blocks, each filled from its own generator seeded
+    from one number drawn from ``generator``, on up to ``torch.get_num_threads()`` threads: the values depend on
+    the seed and the shape only. Smaller draws and other devices use ``torch.randn``.
+    """
+    n = math.prod(shape)
+    if torch.device(device).type != "cpu" or n < 2 * NORMAL_BLOCK:
+        return torch.randn(*shape, dtype=dtype, device=device, generator=generator)
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    out = torch.empty(n, dtype=dtype)
+    starts = range(0, n, NORMAL_BLOCK)
+
+    def fill(index: int) -> None:
+        block = torch.Generator().manual_seed((base + (index + 1) * _GOLDEN) % 2**63)
+        out[starts[index] : starts[index] + NORMAL_BLOCK].normal_(generator=block)
+
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+    if workers == 1:
+        for index in range(len(starts)):
+            fill(index)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(fill, range(len(starts))))
+    return out.view(shape)
 
 
 class LayerPosterior:
@@ -290,7 +328,7 @@ class LaplacePosterior:
         out = {}
         for name, block in self.blocks.items():
             lam = self.eigenvalues(name)
-            z = torch.randn(half, *lam.shape, dtype=lam.dtype, device=lam.device, generator=generator)
+            z = standard_normals((half, *lam.shape), dtype=lam.dtype, device=lam.device, generator=generator)
             d = block.from_eigenbasis(z.mul_(lam.rsqrt()))  # in place: the draws of a large layer are large
             del z
             w = d.new_empty(k, *d.shape[1:])

@@ -19,6 +19,8 @@ from torch.distributions import MultivariateNormal
 from torch.func import functional_call, jacrev
 
 import curvature as cv
+import curvature.posterior as posterior_module
+from curvature.posterior import standard_normals
 
 from .cases import CNN, DTYPE, MLP_TANH, assert_close_report, make_problem
 
@@ -221,14 +223,18 @@ def test_trace_norm_omega_gives_dense_covariance_and_log_prob(case, monkeypatch)
 
 
 @pytest.mark.montecarlo
+@pytest.mark.parametrize("block", [None, 4096], ids=["randn", "blocked"])
 @pytest.mark.parametrize(("kind", "damping"), KINDS, ids=KIND_IDS)
-def test_sample_moments_match_dense_gaussian(kind, damping):
+def test_sample_moments_match_dense_gaussian(kind, damping, block, monkeypatch):
     """Whitened by the dense precision's Cholesky factor, samples must be standard normal.
 
     With ``u = Lᵀ(θ − θ*)``, ``P = L Lᵀ``: the draws come in antithetic pairs, so the mean is exactly zero and
     the covariance is estimated from ``h = k/2`` independent offsets: each entry has standard deviation 1/√h off
-    the diagonal and √2/√h on it. 6 standard deviations bound the maximum over P² entries.
+    the diagonal and √2/√h on it. 6 standard deviations bound the maximum over P² entries. ``blocked``: the normals
+    come in independently seeded blocks (:func:`curvature.posterior.standard_normals`), many per layer.
     """
+    if block is not None:
+        monkeypatch.setattr(posterior_module, "NORMAL_BLOCK", block)
     post, model, *_, factors = build(MLP_TANH, kind, damping, prior="per_layer")
     k = 40_000
     draws = flat_weights(model, post.sample(k, generator=torch.Generator().manual_seed(11)))
@@ -405,3 +411,38 @@ def test_loader_refuses_another_architecture(factory):
     other = factory().to(DTYPE)
     with pytest.raises(ValueError):
         cv.LaplacePosterior.from_bytes(blob, other)
+
+
+def test_blocked_normals_are_reproducible_whatever_the_threads_and_standard(monkeypatch):
+    monkeypatch.setattr(posterior_module, "NORMAL_BLOCK", 1000)
+    shape = (7, 50, 31)  # 10,850 values: eleven blocks, the last one partial
+    cpu = torch.device("cpu")
+
+    def draw(seed: int) -> torch.Tensor:
+        return standard_normals(shape, dtype=DTYPE, device=cpu, generator=torch.Generator().manual_seed(seed))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = draw(3)
+        torch.set_num_threads(max(2, threads))
+        together = draw(3)
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.shape == shape and alone.dtype == DTYPE
+    assert torch.equal(alone, together), "the draw depends on the thread count"
+    assert not torch.equal(alone, draw(4))
+    flat = alone.reshape(-1)
+    n = flat.numel()
+    assert abs(float(flat.mean())) < 5 / math.sqrt(n)
+    assert abs(float(flat.var()) - 1) < 5 * math.sqrt(2 / n)
+    ordered = flat.sort().values
+    cdf = torch.distributions.Normal(0.0, 1.0).cdf(ordered)
+    grid = torch.arange(1, n + 1, dtype=DTYPE) / n
+    assert float((cdf - grid).abs().max()) < 1.63 / math.sqrt(n)  # Kolmogorov-Smirnov at the 1 % level
+    blocks = flat[:10_000].reshape(10, 1000)
+    corr = torch.corrcoef(blocks)
+    off = corr - torch.diag(torch.diag(corr))
+    assert float(off.abs().max()) < 5 / math.sqrt(1000), "neighbouring blocks are correlated"
+    small = standard_normals((3, 4), dtype=DTYPE, device=cpu, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(small, torch.randn(3, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(3)))
