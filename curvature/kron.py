@@ -91,8 +91,9 @@ class KronEigen:
     def to_eigenbasis(self, V: Tensor) -> Tensor:
         return self.U_G.transpose(-1, -2) @ V @ self.U_A
 
-    def from_eigenbasis(self, V: Tensor) -> Tensor:
-        return self.U_G @ V @ self.U_A.transpose(-1, -2)
+    def from_eigenbasis(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        """``U_G V U_Aᵀ``, written to ``out`` when given."""
+        return torch.matmul(self.U_G @ V, self.U_A.transpose(-1, -2), out=out)
 
     def damped_inverse_apply(self, V: Tensor, n_eff, prior_precision) -> Tensor:
         """``(n G ⊗ A + τ I)⁻¹ vec(V)``, exactly, for V shaped (..., out, in+1)."""

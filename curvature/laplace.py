@@ -456,6 +456,6 @@ def _narrow_until_accurate(
         post.null_prior = {k: factor * v for k, v in null.items()} or None
         step += jump
         post.metadata["mc_narrowed"] = 10**step
-        for name, w in draws.items():
-            w.sub_(means[name]).mul_(factor**-0.5).add_(means[name])
+        for name, w in draws.items():  # θ* + (w − θ*)/√factor, in one pass
+            w.lerp_(means[name], 1.0 - factor**-0.5)
         post.offer_samples({key: draws})

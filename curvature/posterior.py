@@ -117,7 +117,8 @@ class LayerPosterior:
         """``V`` (..., out, in+1) in the precision's eigenbasis."""
         raise NotImplementedError
 
-    def from_eigenbasis(self, V: Tensor) -> Tensor:
+    def from_eigenbasis(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        """``V`` (..., out, in+1) back from the precision's eigenbasis, written to ``out`` when given."""
         raise NotImplementedError
 
     def rotate_inputs(self, a: Tensor) -> Tensor:
@@ -157,8 +158,8 @@ class KronBlock(LayerPosterior):
     def to_eigenbasis(self, V: Tensor) -> Tensor:
         return self.eigen.to_eigenbasis(V)
 
-    def from_eigenbasis(self, V: Tensor) -> Tensor:
-        return self.eigen.from_eigenbasis(V)
+    def from_eigenbasis(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        return self.eigen.from_eigenbasis(V, out=out)
 
     def rotate_inputs(self, a: Tensor) -> Tensor:
         return a @ self.eigen.U_A
@@ -188,8 +189,8 @@ class DiagBlock(LayerPosterior):
     def to_eigenbasis(self, V: Tensor) -> Tensor:
         return V
 
-    def from_eigenbasis(self, V: Tensor) -> Tensor:
-        return V
+    def from_eigenbasis(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        return V if out is None else out.copy_(V)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"diag": self.diag}
@@ -329,11 +330,12 @@ class LaplacePosterior:
         for name, block in self.blocks.items():
             lam = self.eigenvalues(name)
             z = standard_normals((half, *lam.shape), dtype=lam.dtype, device=lam.device, generator=generator)
-            d = block.from_eigenbasis(z.mul_(lam.rsqrt()))  # in place: the draws of a large layer are large
+            # in place and into the result: the draws of a large layer are large
+            w = torch.empty(k, *lam.shape, dtype=lam.dtype, device=lam.device)
+            block.from_eigenbasis(z.mul_(lam.rsqrt()), out=w[:half])
             del z
-            w = d.new_empty(k, *d.shape[1:])
-            torch.sub(block.mean, d[: k - half], out=w[half:])
-            torch.add(d, block.mean, out=w[:half])
+            torch.sub(block.mean, w[: k - half], out=w[half:])
+            w[:half].add_(block.mean)
             out[name] = w
         return out
 
