@@ -1098,3 +1098,37 @@ def test_a_tanh_softplus_gate_on_another_activation_is_not_mish() -> None:
     )
     error = _expect("unsupported_op", data, "gated.onnx")
     assert error.detail["op"] == "Mul" and "Mish" in error.message
+
+
+def test_prelu_slopes_varying_within_a_channel_are_refused() -> None:
+    data = _graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("PRelu", ["c", "p"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1),
+        ],
+        [_random("w", 2, 1, 3, 3), _random("p", 3, 3), _random("fw", 3, 18)],
+        ["n", 1, 5, 5],
+        ["n", 3],
+    )
+    error = _expect("unsupported_op", data, "prelu.onnx")
+    assert "one per channel" in error.message
+
+
+@pytest.mark.parametrize("source", ["more_activations_mlp", "layer_norm_mlp", "layer_norm_cnn", "hardsigmoid_onnx"])
+def test_imported_modules_export_back_to_onnx_and_reimport(source: str) -> None:
+    """Jobs that train a model (optimise, online Laplace) export the imported module to ONNX and import it back:
+    every module an upload can become must survive that round trip."""
+    from app.domain.modelio.export import export_onnx as export_trained
+
+    if source == "hardsigmoid_onnx":
+        imported = load_model(HAND_BUILT_MORE["hardsigmoid_onnx_defaults"](), "h.onnx")
+    else:
+        torch.manual_seed(14)
+        factory, shape = MORE_MODELS[source]
+        imported = load_model(export_pt2(_trained_looking(factory()), shape, dynamic=True), "m.pt2")
+    x = torch.randn(4, *imported.input_shape)
+    again = load_model(export_trained(imported.module, x[:1]), "trained.onnx")
+    with torch.no_grad():
+        assert_close_report(again.module(x), imported.module(x), rtol=1e-5, atol=1e-6)

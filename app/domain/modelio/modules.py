@@ -60,22 +60,23 @@ class ConstantAffine(nn.Module):
 
 
 class ConstantPReLU(nn.Module):
-    """``x`` where ``x ≥ 0``, ``slope · x`` elsewhere, with a constant (buffer) ``slope`` broadcast over one example
-    (a PReLU's learned slope, kept at its trained value). Element-wise: KFRA can propagate through it.
+    """``x`` where ``x ≥ 0``, ``weight · x`` elsewhere, with constant (buffer) slopes: one for every entry, or one per
+    channel (the example's first axis), as ``torch.nn.functional.prelu`` (a PReLU's learned slopes, kept at their
+    trained values; it exports back to ONNX as ``PRelu``). Element-wise: KFRA can propagate through it.
 
     Args:
-        slope: Slopes broadcastable to one example's shape (per channel: ``(C, 1, 1)``; one for all: ``()``).
+        weight: 1-D slopes, of size 1 or the number of channels.
     """
 
     elementwise = True
-    slope: Tensor
+    weight: Tensor
 
-    def __init__(self, slope: Tensor) -> None:
+    def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        self.register_buffer("slope", slope.detach().clone().float())
+        self.register_buffer("weight", weight.detach().clone().float().reshape(-1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.where(x >= 0, x, x * self.slope)
+        return nn.functional.prelu(x, self.weight)
 
 
 class HardSigmoid(nn.Module):

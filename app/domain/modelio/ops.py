@@ -127,37 +127,36 @@ def activation_module(kind: str, **params: Any) -> nn.Module:
 
 
 def prelu_module(slope: Tensor, example_shape: Sequence[int], *, channel_first: bool) -> nn.Module:
-    """A PReLU with constant slopes for examples of ``example_shape``.
+    """A PReLU with constant slopes for examples of ``example_shape``: one slope, or one per channel (the
+    example's first axis).
 
-    ``channel_first``: ``slope`` holds one value per channel (the example's first axis; torch's ``prelu``) or one
-    for all; otherwise it broadcasts numpy-style against the batched input (ONNX ``PRelu``), and may not vary
-    over the batch.
+    ``channel_first``: ``slope`` is 1-D, one value or one per channel (torch's ``prelu``); otherwise it broadcasts
+    numpy-style against the batched input (ONNX ``PRelu``) and must be constant over every axis but the channel's.
     """
     slope = slope.detach().float()
     if not bool(torch.isfinite(slope).all()):
         raise OpRefused("PReLU slopes must be finite")
     example = tuple(int(d) for d in example_shape)
+    shape = tuple(slope.shape)
+    if slope.numel() == 1:
+        return ConstantPReLU(slope.reshape(1))
     if channel_first:
-        if slope.numel() == 1:
-            slope = slope.reshape(())
-        elif slope.dim() == 1 and example and slope.shape[0] == example[0]:
-            slope = slope.reshape(-1, *(1,) * (len(example) - 1))
-        else:
-            raise OpRefused(f"PReLU slope of shape {tuple(slope.shape)} is not per channel of {list(example)}")
+        per_channel = slope.dim() == 1 and bool(example) and shape[0] == example[0]
     else:
-        if slope.dim() == len(example) + 1:
-            if slope.shape[0] != 1:
+        if len(shape) == len(example) + 1:
+            if shape[0] != 1:
                 raise OpRefused("a PReLU slope may not vary over the batch")
-            slope = slope[0]
-        if slope.dim() > len(example):
-            raise OpRefused(f"PReLU slope of shape {tuple(slope.shape)} does not broadcast to {list(example)}")
-    try:
-        broadcast = torch.broadcast_shapes(tuple(slope.shape), example)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != example:
-        raise OpRefused(f"PReLU slope of shape {tuple(slope.shape)} does not broadcast to {list(example)}")
-    return ConstantPReLU(slope)
+            shape = shape[1:]
+        padded = (1,) * (len(example) - len(shape)) + shape
+        per_channel = (
+            len(shape) <= len(example) and bool(example) and padded[0] == example[0] and all(d == 1 for d in padded[1:])
+        )
+    if not per_channel:
+        raise OpRefused(
+            f"PReLU slopes of shape {tuple(slope.shape)} for inputs {list(example)}: only one slope or one per "
+            "channel (the first axis of an example) is supported"
+        )
+    return ConstantPReLU(slope.reshape(-1))
 
 
 def layer_norm_module(
