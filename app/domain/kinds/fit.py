@@ -145,13 +145,13 @@ class FitKind(JobKind[FitRequest, FitParams]):
             check_compatible(model, validation, "validation dataset")
         require_curvature(model, request.curvature)
         has_validation = validation is not None or data.n_val > 0
-        held_out, source = (
-            (validation.n, "the validation dataset")
-            if validation is not None
-            else (data.n_val, "the dataset's validation split")
-            if data.n_val > 0
-            else (data.n, "the dataset (no validation split)")
-        )
+        # the inputs the OOD threshold is calibrated on
+        if validation is not None:
+            held_out, source = validation.n, "the validation dataset"
+        elif data.n_val > 0:
+            held_out, source = data.n_val, "the dataset's validation split"
+        else:
+            held_out, source = data.n, "the dataset (no validation split)"
         if held_out < 2:
             raise InvalidInput(
                 f"the OOD threshold is calibrated on held-out inputs and needs at least two; {source} has {held_out}",
