@@ -958,11 +958,43 @@ def _layer_norm_cnn() -> nn.Module:
     )  # fmt: skip
 
 
+class TwoBranchCNN(nn.Module):
+    """Two convolution branches joined along the channels, and two Linear branches joined along the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 2, 3), nn.Conv2d(1, 3, 3)
+        self.c, self.d = nn.Linear(5 * 3 * 3, 6), nn.Linear(5 * 3 * 3, 4)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=1).flatten(1)
+        return self.head(torch.cat([torch.tanh(self.c(h)), torch.sigmoid(self.d(h))], dim=-1))
+
+
+class TwoBranchMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.tanh(self.a(x)), torch.sigmoid(self.b(x))], dim=1))
+
+
 MORE_MODELS = {
     "more_activations_mlp": (_more_activations_mlp, (6,)),
     "layer_norm_mlp": (_layer_norm_mlp, (6,)),
     "layer_norm_cnn": (_layer_norm_cnn, (1, 7, 7)),
+    "concat_mlp": (TwoBranchMLP, (6,)),
 }
+#: The modules each model must import as, and which exporters write it in a form the importers refuse.
+EXPECTED_KINDS = {
+    "more_activations_mlp": {"SELU", "Hardswish", "Hardsigmoid", "Mish", "ConstantPReLU"},
+    "layer_norm_mlp": {"LayerNorm", "ReLU6"},
+    "layer_norm_cnn": {"LayerNorm", "ConstantPReLU"},
+    "concat_mlp": {"Concat", "Tanh", "Sigmoid"},
+}
+REFUSED_BY = {"more_activations_mlp": "pt2-core-aten", "layer_norm_cnn": "pt2-core-aten"}
 
 
 def _trained_looking(model: nn.Module) -> nn.Module:
@@ -979,14 +1011,14 @@ def _trained_looking(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("exporter", list(EVERYDAY_EXPORTERS))
 @pytest.mark.parametrize("model_name", list(MORE_MODELS))
 def test_more_activations_and_layer_norm_import_as_fittable_modules(model_name: str, exporter: str) -> None:
-    """SELU, Hardswish, Hardsigmoid, Mish, PReLU, LayerNorm and inference AlphaDropout / Dropout2d rebuild as
-    modules that reproduce the export; their constants are buffers; KFRA accepts the element-wise chain only.
-    Core-aten decomposition writes Mish, Hardswish, Hardsigmoid and PReLU as arithmetic on two activations,
-    which is refused."""
+    """SELU, Hardswish, Hardsigmoid, Mish, PReLU, LayerNorm, concatenation of activations and inference
+    AlphaDropout / Dropout2d rebuild as modules that reproduce the export; their constants are buffers; KFRA
+    accepts the element-wise chain only. Core-aten decomposition writes Mish, Hardswish, Hardsigmoid and PReLU as
+    arithmetic on two activations, which is refused."""
     torch.manual_seed(13)
     factory, shape = MORE_MODELS[model_name]
     model = _trained_looking(factory())
-    if exporter == "pt2-core-aten" and model_name != "layer_norm_mlp":
+    if REFUSED_BY.get(model_name) == exporter:
         export, filename = EVERYDAY_EXPORTERS[exporter]
         _expect("unsupported_op", export(model, shape), filename)
         return
@@ -995,10 +1027,8 @@ def test_more_activations_and_layer_norm_import_as_fittable_modules(model_name: 
         isinstance(m, (nn.Linear, nn.Conv2d)) for m in imported.module.modules() if list(m.parameters(recurse=False))
     )
     kinds = {type(m).__name__ for m in imported.module.modules()}
-    if model_name == "more_activations_mlp":
-        assert {"SELU", "Hardswish", "Hardsigmoid", "Mish", "ConstantPReLU"} <= kinds, kinds
-    else:
-        assert "LayerNorm" in kinds and ("ConstantPReLU" in kinds) == (model_name == "layer_norm_cnn"), kinds
+    assert EXPECTED_KINDS[model_name] <= kinds, kinds
+    assert ("ConstantPReLU" in kinds) == ("ConstantPReLU" in EXPECTED_KINDS[model_name]), kinds
     assert (Curvature.kfra in supported_curvatures(imported.module)) == (model_name == "more_activations_mlp")
     x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
     factors = fit_kronecker(imported.module, (x, y), CrossEntropy(), method="kflr")
@@ -1084,6 +1114,16 @@ def test_hand_built_layer_normalization_over_trailing_axes(axis: int, bias: bool
             "normalised output",
         ),
         ("layer_norm_wrong_scale", lambda: _ln_graph(-1, scale_shape=(4,)), "does not fit"),
+        (
+            "concat_over_the_batch",
+            lambda: _act_graph([helper.make_node("Concat", ["g", "g"], ["h"], axis=0)]),
+            "within each example",
+        ),
+        (
+            "concat_with_a_constant",
+            lambda: _act_graph([helper.make_node("Concat", ["g", "k"], ["h"], axis=1)], [_random("k", 1, 5)]),
+            "activation",
+        ),
     ],
 )
 def test_unsupported_settings_are_refused_by_name(case: str, data, message: str) -> None:
@@ -1107,7 +1147,7 @@ def test_prelu_slopes_varying_within_a_channel_are_refused() -> None:
     assert "one per channel" in error.message
 
 
-@pytest.mark.parametrize("source", ["more_activations_mlp", "layer_norm_mlp", "layer_norm_cnn", "hardsigmoid_onnx"])
+@pytest.mark.parametrize("source", [*MORE_MODELS, "two_branch_cnn", "hardsigmoid_onnx"])
 def test_imported_modules_export_back_to_onnx_and_reimport(source: str) -> None:
     """Jobs that train a model (optimise, online Laplace) export the imported module to ONNX and import it back:
     every module an upload can become must survive that round trip."""
@@ -1115,6 +1155,9 @@ def test_imported_modules_export_back_to_onnx_and_reimport(source: str) -> None:
 
     if source == "hardsigmoid_onnx":
         imported = load_model(HAND_BUILT_MORE["hardsigmoid_onnx_defaults"](), "h.onnx")
+    elif source == "two_branch_cnn":
+        torch.manual_seed(14)
+        imported = load_model(export_pt2(TwoBranchCNN().eval(), (1, 5, 5), dynamic=True), "m.pt2")
     else:
         torch.manual_seed(14)
         factory, shape = MORE_MODELS[source]

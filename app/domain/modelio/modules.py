@@ -130,6 +130,20 @@ class Add(nn.Module):
         return a + b
 
 
+class Concat(nn.Module):
+    """Activations joined along axis ``dim`` of the batched tensors (never the batch axis 0)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = int(dim)
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return torch.cat(xs, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 class Mean(nn.Module):
     """Mean over non-batch dimensions of each example.
 

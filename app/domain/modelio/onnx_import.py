@@ -19,7 +19,7 @@ Supported operators (default domain only):
 - other: ``BatchNormalization`` (inference; folded into the preceding ``Conv``/``Gemm``/``MatMul`` when that
   layer's output has no other use, else a parameter-free per-channel affine), ``Add``/``Sub``/``Mul``/``Div``
   with a constant (folded the same way) and ``Add`` of two activations (residual connection),
-  ``LayerNormalization`` over axes within each example (constant scale and bias, kept at their trained
+  ``Concat`` of activations along an axis within each example, ``LayerNormalization`` over axes within each example (constant scale and bias, kept at their trained
   values), ``Identity``, ``Dropout`` (inference), ``Constant`` and initializers, ``Transpose`` of constants;
 - a final ``Softmax``/``LogSoftmax``/``Sigmoid`` is stripped and reported.
 
@@ -53,6 +53,7 @@ from .ops import (
     activation_module,
     add_arithmetic,
     add_batch_norm,
+    add_concat,
     add_conv2d,
     check_class_axis,
     clamp_module,
@@ -658,6 +659,10 @@ class _OnnxTranslator:
         slope = _float_tensor(self._const(node, 1, "the slope"))
         module = prelu_module(slope, self.builder.shape(x), channel_first=False)
         self.builder.add(module, [x], node.output[0], kind="prelu", op=node.op_type)
+
+    def _op_Concat(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        inputs = [self._act(node, i) for i in range(len(node.input))]
+        add_concat(self.builder, inputs, node.output[0], int(attrs.get("axis", 0)), op=node.op_type)
 
     def _op_LayerNormalization(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         x = self._act(node, 0)

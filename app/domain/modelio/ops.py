@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from curvature.layers import Conv2dHandler
 
-from .modules import Add, ConstantPReLU, HardSigmoid, LayerNorm
+from .modules import Add, Concat, ConstantPReLU, HardSigmoid, LayerNorm
 from .program import ProgramBuilder
 
 
@@ -307,6 +307,21 @@ def _two_activations(builder: ProgramBuilder, kind: str, a: str, b: str, output:
         "of two activations only their sum (a residual connection), x * sigmoid(x) (SiLU) and x * tanh(softplus(x)) "
         "(Mish) are supported"
     )
+
+
+def add_concat(builder: ProgramBuilder, inputs: Sequence[str], output: str, axis: int, *, op: str, name=None) -> None:
+    """``output = concat(inputs)`` along ``axis`` of the batched tensors (negative from the end; never the batch
+    axis), every input an activation of the same shape off that axis."""
+    shapes = [builder.shape(i) for i in inputs]
+    rank = len(shapes[0]) + 1
+    dim = axis + rank if axis < 0 else axis
+    if not 1 <= dim < rank:
+        raise OpRefused(f"concatenation must join axes within each example (axis {axis} of rank-{rank} inputs)")
+    if any(
+        len(s) != len(shapes[0]) or s[: dim - 1] + s[dim:] != shapes[0][: dim - 1] + shapes[0][dim:] for s in shapes
+    ):
+        raise OpRefused(f"shapes {[list(s) for s in shapes]} differ off the concatenation axis {dim}")
+    builder.add(Concat(dim), list(inputs), output, kind="concat", name=name, op=op)
 
 
 # -- normalisation ----------------------------------------------------------------------------------------

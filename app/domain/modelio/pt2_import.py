@@ -17,7 +17,8 @@ and the core-aten form after ``run_decompositions()``):
 - other: inference ``batch_norm`` / ``_native_batch_norm_legit_no_training`` (folded into the preceding
   layer when its output has no other use, else a parameter-free per-channel affine), ``add`` / ``sub`` /
   ``mul`` / ``div`` with constants (folded the same way), ``add`` of two activations (residual),
-  ``layer_norm`` / ``native_layer_norm`` over dimensions within each example (constant scale and bias, kept at
+  ``cat`` of activations along a dimension within each example, ``layer_norm`` / ``native_layer_norm`` over
+  dimensions within each example (constant scale and bias, kept at
   their trained values), ``dropout`` / ``feature_dropout`` / ``alpha_dropout`` / ``feature_alpha_dropout``
   (inference), ``clone`` / ``alias`` / ``detach``;
 - a final ``softmax`` / ``log_softmax`` / ``sigmoid`` is stripped and reported.
@@ -46,6 +47,7 @@ from .ops import (
     activation_module,
     add_arithmetic,
     add_batch_norm,
+    add_concat,
     add_conv2d,
     check_class_axis,
     example_dims,
@@ -105,7 +107,7 @@ SUPPORTED_OPS: frozenset[str] = frozenset(
         "_adaptive_avg_pool2d.default", "mean.dim", "batch_norm.default",
         "_native_batch_norm_legit_no_training.default", "dropout.default", "feature_dropout.default",
         "alpha_dropout.default", "feature_alpha_dropout.default", "prelu.default", "layer_norm.default",
-        "native_layer_norm.default", "clone.default", "alias.default",
+        "native_layer_norm.default", "cat.default", "clone.default", "alias.default",
         "detach.default", "permute.default", "t.default", "transpose.int",
     }
 )  # fmt: skip
@@ -699,6 +701,13 @@ class _Pt2Translator:
         slope = self._const(node, a["weight"], "the slope")
         module = prelu_module(slope, self.builder.shape(x), channel_first=True)
         self.builder.add(module, [x], node.outputs[0], kind="prelu", name=node.module_path, op=f"aten.{node.op}")
+
+    def _op_cat(self, node: _Node, a: dict[str, Any]) -> None:
+        tensors = a["tensors"]
+        if not isinstance(tensors, list) or not tensors:
+            raise _fail_op(node, "cat needs a list of tensors")
+        inputs = [self._act(node, t, "every input") for t in tensors]
+        add_concat(self.builder, inputs, node.outputs[0], int(a["dim"]), op=f"aten.{node.op}", name=node.module_path)
 
     def _op_layer_norm(self, node: _Node, a: dict[str, Any]) -> None:
         if any(o is not None and self.builder.graph_uses(o) for o in node.outputs[1:]):
