@@ -309,7 +309,9 @@ def _two_activations(builder: ProgramBuilder, kind: str, a: str, b: str, output:
     )
 
 
-def add_concat(builder: ProgramBuilder, inputs: Sequence[str], output: str, axis: int, *, op: str, name=None) -> None:
+def add_concat(
+    builder: ProgramBuilder, inputs: Sequence[str], output: str, axis: int, *, op: str, name: str | None = None
+) -> None:
     """``output = concat(inputs)`` along ``axis`` of the batched tensors (negative from the end; never the batch
     axis), every input an activation of the same shape off that axis."""
     shapes = [builder.shape(i) for i in inputs]
