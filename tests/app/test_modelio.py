@@ -958,6 +958,13 @@ def _layer_norm_cnn() -> nn.Module:
     )  # fmt: skip
 
 
+def _group_norm_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.InstanceNorm2d(4, affine=True),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
+    )  # fmt: skip
+
+
 class TwoBranchCNN(nn.Module):
     """Two convolution branches joined along the channels, and two Linear branches joined along the features."""
 
@@ -986,6 +993,7 @@ MORE_MODELS = {
     "layer_norm_mlp": (_layer_norm_mlp, (6,)),
     "layer_norm_cnn": (_layer_norm_cnn, (1, 7, 7)),
     "concat_mlp": (TwoBranchMLP, (6,)),
+    "group_norm_cnn": (_group_norm_cnn, (1, 7, 7)),
 }
 #: The modules each model must import as, and which exporters write it in a form the importers refuse.
 EXPECTED_KINDS = {
@@ -993,8 +1001,10 @@ EXPECTED_KINDS = {
     "layer_norm_mlp": {"LayerNorm", "ReLU6"},
     "layer_norm_cnn": {"LayerNorm", "ConstantPReLU"},
     "concat_mlp": {"Concat", "Tanh", "Sigmoid"},
+    "group_norm_cnn": {"GroupNorm"},
 }
-REFUSED_BY = {"more_activations_mlp": "pt2-core-aten", "layer_norm_cnn": "pt2-core-aten"}
+# core aten writes group norm with the batch size as an argument (native_group_norm)
+REFUSED_BY = dict.fromkeys(["more_activations_mlp", "layer_norm_cnn", "group_norm_cnn"], "pt2-core-aten")
 
 
 def _trained_looking(model: nn.Module) -> nn.Module:
@@ -1002,7 +1012,7 @@ def _trained_looking(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(12)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.LayerNorm, nn.PReLU)):
+            if isinstance(module, (nn.LayerNorm, nn.PReLU, nn.GroupNorm, nn.InstanceNorm2d)):
                 for p in module.parameters():
                     p.copy_(0.5 + torch.rand(p.shape, generator=gen))
     return model.eval()
@@ -1115,6 +1125,14 @@ def test_hand_built_layer_normalization_over_trailing_axes(axis: int, bias: bool
         ),
         ("layer_norm_wrong_scale", lambda: _ln_graph(-1, scale_shape=(4,)), "does not fit"),
         (
+            "instance_norm_without_spatial_axes",
+            lambda: _act_graph(
+                [helper.make_node("InstanceNormalization", ["g", "sc", "bi"], ["h"])],
+                [_random("sc", 5), _random("bi", 5)],
+            ),
+            "at least one more axis",
+        ),
+        (
             "concat_over_the_batch",
             lambda: _act_graph([helper.make_node("Concat", ["g", "g"], ["h"], axis=0)]),
             "within each example",
@@ -1166,3 +1184,11 @@ def test_imported_modules_export_back_to_onnx_and_reimport(source: str) -> None:
     again = load_model(export_trained(imported.module, x[:1]), "trained.onnx")
     with torch.no_grad():
         assert_close_report(again.module(x), imported.module(x), rtol=1e-5, atol=1e-6)
+
+
+def test_instance_norm_with_running_statistics_is_refused() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True), nn.Flatten(), nn.Linear(18, 3)
+    )
+    error = _expect("unsupported_op", export_pt2(model.eval(), (1, 5, 5), dynamic=True), "m.pt2")
+    assert "running statistics" in error.message

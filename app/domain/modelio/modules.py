@@ -123,6 +123,33 @@ class LayerNorm(nn.Module):
         return f"shape={self.shape}, eps={self.eps}"
 
 
+class GroupNorm(nn.Module):
+    """Group normalisation of each example's channels (its first axis) in ``groups`` groups, with constant (buffer)
+    per-channel scale and shift (a trained GroupNorm's or InstanceNorm's, kept at their trained values).
+
+    Args:
+        groups: Number of groups (the channels for instance normalisation).
+        eps: Added to the variance.
+        weight: Per-channel scale, or ``None`` for 1.
+        bias: Per-channel shift, or ``None`` for 0.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def __init__(self, groups: int, eps: float, weight: Tensor | None, bias: Tensor | None) -> None:
+        super().__init__()
+        self.groups, self.eps = int(groups), float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().clone().float().reshape(-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float().reshape(-1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.group_norm(x, self.groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, eps={self.eps}"
+
+
 class Add(nn.Module):
     """Element-wise sum of two activations of the same shape (a residual connection)."""
 

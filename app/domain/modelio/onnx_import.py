@@ -19,7 +19,9 @@ Supported operators (default domain only):
 - other: ``BatchNormalization`` (inference; folded into the preceding ``Conv``/``Gemm``/``MatMul`` when that
   layer's output has no other use, else a parameter-free per-channel affine), ``Add``/``Sub``/``Mul``/``Div``
   with a constant (folded the same way) and ``Add`` of two activations (residual connection),
-  ``Concat`` of activations along an axis within each example, ``LayerNormalization`` over axes within each example (constant scale and bias, kept at their trained
+  ``Concat`` of activations along an axis within each example, ``InstanceNormalization`` (also the
+  ``Reshape``/``InstanceNormalization``/``Reshape`` form exporters give GroupNorm), ``LayerNormalization`` over
+  axes within each example (constant scale and bias, kept at their trained
   values), ``Identity``, ``Dropout`` (inference), ``Constant`` and initializers, ``Transpose`` of constants;
 - a final ``Softmax``/``LogSoftmax``/``Sigmoid`` is stripped and reported.
 
@@ -58,6 +60,7 @@ from .ops import (
     check_class_axis,
     clamp_module,
     example_dims,
+    group_norm_module,
     layer_norm_module,
     linear_layer,
     prelu_module,
@@ -100,6 +103,7 @@ SUPPORTED_OPS: frozenset[str] = frozenset(
         "Reshape", "Squeeze", "Unsqueeze", "Shape", "Gather", "Concat", "Slice", "Cast", "Constant",
         "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "BatchNormalization",
         "Identity", "Dropout", "Transpose", "Greater", "Where", "PRelu", "LayerNormalization",
+        "InstanceNormalization",
     }
 )  # fmt: skip
 
@@ -663,6 +667,17 @@ class _OnnxTranslator:
     def _op_Concat(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         inputs = [self._act(node, i) for i in range(len(node.input))]
         add_concat(self.builder, inputs, node.output[0], int(attrs.get("axis", 0)), op=node.op_type)
+
+    def _op_InstanceNormalization(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        x = self._act(node, 0)
+        module = group_norm_module(
+            self.builder.shape(x),
+            self.builder.shape(x)[0] if self.builder.shape(x) else 0,
+            float(attrs.get("epsilon", 1e-5)),
+            _float_tensor(self._const(node, 1, "the scale")),
+            _float_tensor(self._const(node, 2, "the bias")),
+        )
+        self.builder.add(module, [x], node.output[0], kind="instancenorm", op=node.op_type)
 
     def _op_LayerNormalization(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         x = self._act(node, 0)

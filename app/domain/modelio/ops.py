@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from curvature.layers import Conv2dHandler
 
-from .modules import Add, Concat, ConstantPReLU, HardSigmoid, LayerNorm
+from .modules import Add, Concat, ConstantPReLU, GroupNorm, HardSigmoid, LayerNorm
 from .program import ProgramBuilder
 
 
@@ -188,6 +188,25 @@ def layer_norm_module(
         return value.expand(shape).clone()
 
     return LayerNorm(shape, eps, full(weight, "scale"), full(bias, "bias"))
+
+
+def group_norm_module(
+    example_shape: Sequence[int], groups: int, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> nn.Module:
+    """Group normalisation (instance normalisation: one group per channel) of examples of ``example_shape``, whose
+    first axis holds the channels, with constant per-channel scale and shift."""
+    example = tuple(int(d) for d in example_shape)
+    if len(example) < 2:
+        raise OpRefused(f"group normalisation needs channels and at least one more axis, got examples {list(example)}")
+    channels, groups, eps = example[0], int(groups), float(eps)
+    if groups < 1 or channels % groups:
+        raise OpRefused(f"{channels} channels do not split into {groups} groups")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise OpRefused(f"epsilon must be finite and non-negative, got {eps}")
+    for what, value in (("scale", weight), ("bias", bias)):
+        if value is not None and (value.numel() != channels or not bool(torch.isfinite(value).all())):
+            raise OpRefused(f"group-norm {what} must hold {channels} finite values, got shape {tuple(value.shape)}")
+    return GroupNorm(groups, eps, weight, bias)
 
 
 def check_class_axis(axis: int, op: str) -> None:

@@ -18,8 +18,8 @@ and the core-aten form after ``run_decompositions()``):
   layer when its output has no other use, else a parameter-free per-channel affine), ``add`` / ``sub`` /
   ``mul`` / ``div`` with constants (folded the same way), ``add`` of two activations (residual),
   ``cat`` of activations along a dimension within each example, ``layer_norm`` / ``native_layer_norm`` over
-  dimensions within each example (constant scale and bias, kept at
-  their trained values), ``dropout`` / ``feature_dropout`` / ``alpha_dropout`` / ``feature_alpha_dropout``
+  dimensions within each example, ``group_norm`` and ``instance_norm`` without running statistics (constant
+  scales and shifts, kept at their trained values), ``dropout`` / ``feature_dropout`` / ``alpha_dropout`` / ``feature_alpha_dropout``
   (inference), ``clone`` / ``alias`` / ``detach``;
 - a final ``softmax`` / ``log_softmax`` / ``sigmoid`` is stripped and reported.
 
@@ -51,6 +51,7 @@ from .ops import (
     add_conv2d,
     check_class_axis,
     example_dims,
+    group_norm_module,
     layer_norm_module,
     linear_layer,
     prelu_module,
@@ -107,7 +108,7 @@ SUPPORTED_OPS: frozenset[str] = frozenset(
         "_adaptive_avg_pool2d.default", "mean.dim", "batch_norm.default",
         "_native_batch_norm_legit_no_training.default", "dropout.default", "feature_dropout.default",
         "alpha_dropout.default", "feature_alpha_dropout.default", "prelu.default", "layer_norm.default",
-        "native_layer_norm.default", "cat.default", "clone.default", "alias.default",
+        "native_layer_norm.default", "group_norm.default", "instance_norm.default", "cat.default", "clone.default", "alias.default",
         "detach.default", "permute.default", "t.default", "transpose.int",
     }
 )  # fmt: skip
@@ -708,6 +709,31 @@ class _Pt2Translator:
             raise _fail_op(node, "cat needs a list of tensors")
         inputs = [self._act(node, t, "every input") for t in tensors]
         add_concat(self.builder, inputs, node.outputs[0], int(a["dim"]), op=f"aten.{node.op}", name=node.module_path)
+
+    def _op_group_norm(self, node: _Node, a: dict[str, Any]) -> None:
+        x = self._act(node, a["input"])
+        module = group_norm_module(
+            self.builder.shape(x),
+            int(a["num_groups"]),
+            float(a["eps"]),
+            self._const(node, a["weight"], "weight", optional=True),
+            self._const(node, a["bias"], "bias", optional=True),
+        )
+        self.builder.add(module, [x], node.outputs[0], kind="groupnorm", name=node.module_path, op=f"aten.{node.op}")
+
+    def _op_instance_norm(self, node: _Node, a: dict[str, Any]) -> None:
+        if not a["use_input_stats"]:
+            raise _fail_op(node, "instance norm with running statistics is not supported")
+        x = self._act(node, a["input"])
+        example = self.builder.shape(x)
+        module = group_norm_module(
+            example,
+            example[0] if example else 0,
+            float(a["eps"]),
+            self._const(node, a["weight"], "weight", optional=True),
+            self._const(node, a["bias"], "bias", optional=True),
+        )
+        self.builder.add(module, [x], node.outputs[0], kind="instancenorm", name=node.module_path, op=f"aten.{node.op}")
 
     def _op_layer_norm(self, node: _Node, a: dict[str, Any]) -> None:
         if any(o is not None and self.builder.graph_uses(o) for o in node.outputs[1:]):
