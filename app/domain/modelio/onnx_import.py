@@ -672,7 +672,7 @@ class _OnnxTranslator:
         x = self._act(node, 0)
         module = group_norm_module(
             self.builder.shape(x),
-            self.builder.shape(x)[0] if self.builder.shape(x) else 0,
+            None,
             float(attrs.get("epsilon", 1e-5)),
             _float_tensor(self._const(node, 1, "the scale")),
             _float_tensor(self._const(node, 2, "the bias")),

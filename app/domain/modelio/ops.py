@@ -191,14 +191,15 @@ def layer_norm_module(
 
 
 def group_norm_module(
-    example_shape: Sequence[int], groups: int, eps: float, weight: Tensor | None, bias: Tensor | None
+    example_shape: Sequence[int], groups: int | None, eps: float, weight: Tensor | None, bias: Tensor | None
 ) -> nn.Module:
-    """Group normalisation (instance normalisation: one group per channel) of examples of ``example_shape``, whose
-    first axis holds the channels, with constant per-channel scale and shift."""
+    """Group normalisation of examples of ``example_shape``, whose first axis holds the channels, with constant
+    per-channel scale and shift; ``groups=None``: one group per channel (instance normalisation)."""
     example = tuple(int(d) for d in example_shape)
     if len(example) < 2:
         raise OpRefused(f"group normalisation needs channels and at least one more axis, got examples {list(example)}")
-    channels, groups, eps = example[0], int(groups), float(eps)
+    channels, eps = example[0], float(eps)
+    groups = channels if groups is None else int(groups)
     if groups < 1 or channels % groups:
         raise OpRefused(f"{channels} channels do not split into {groups} groups")
     if not (math.isfinite(eps) and eps >= 0):

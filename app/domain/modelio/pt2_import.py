@@ -712,28 +712,21 @@ class _Pt2Translator:
 
     def _op_group_norm(self, node: _Node, a: dict[str, Any]) -> None:
         x = self._act(node, a["input"])
+        instance = "num_groups" not in a  # instance_norm: one group per channel
         module = group_norm_module(
             self.builder.shape(x),
-            int(a["num_groups"]),
+            None if instance else int(a["num_groups"]),
             float(a["eps"]),
             self._const(node, a["weight"], "weight", optional=True),
             self._const(node, a["bias"], "bias", optional=True),
         )
-        self.builder.add(module, [x], node.outputs[0], kind="groupnorm", name=node.module_path, op=f"aten.{node.op}")
+        kind = "instancenorm" if instance else "groupnorm"
+        self.builder.add(module, [x], node.outputs[0], kind=kind, name=node.module_path, op=f"aten.{node.op}")
 
     def _op_instance_norm(self, node: _Node, a: dict[str, Any]) -> None:
         if not a["use_input_stats"]:
             raise _fail_op(node, "instance norm with running statistics is not supported")
-        x = self._act(node, a["input"])
-        example = self.builder.shape(x)
-        module = group_norm_module(
-            example,
-            example[0] if example else 0,
-            float(a["eps"]),
-            self._const(node, a["weight"], "weight", optional=True),
-            self._const(node, a["bias"], "bias", optional=True),
-        )
-        self.builder.add(module, [x], node.outputs[0], kind="instancenorm", name=node.module_path, op=f"aten.{node.op}")
+        self._op_group_norm(node, a)
 
     def _op_layer_norm(self, node: _Node, a: dict[str, Any]) -> None:
         if any(o is not None and self.builder.graph_uses(o) for o in node.outputs[1:]):
